@@ -1,0 +1,631 @@
+"""One strict config tree for rarl-fast.
+
+Nested ``@dataclass(kw_only=True)`` classes, a docstring per field, defaults from ``shared/METHOD.md``.
+YAML files in ``configs/`` load into :class:`Config`; ``key.sub=value`` overrides from the command line
+are applied on top. Unknown keys, wrong types and impossible values raise one :class:`ConfigError` that
+names the key and where its value came from (the file, or the override). Cross-field rules live in
+``__post_init__``; code below the trainer receives plain values, never these objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "LoraConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RMOConfig",
+    "RewardConfig",
+    "RolloutConfig",
+    "StageConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config problem: ``key`` is the dotted path, the message says what is wrong and where."""
+
+    def __init__(self, key: str, problem: str, source: str | None = None):
+        self.key, self.problem, self.source = key, problem, source
+        where = f" ({source})" if source else ""
+        super().__init__(f"config key '{key}'{where}: {problem}")
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with ``prefix.`` put in front of its key."""
+        return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.problem, self.source)
+
+
+def _check(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(key, problem)
+
+
+# Defaults per task (METHOD.md section 1). The data issue adds the synthetic tasks' entries.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "age": {"rule": "age", "value_range": "an integer from 0 to 116", "tolerance": 10.0},
+    "count": {"rule": "number of {category}", "value_range": "an integer from 0 to 50", "tolerance": 2.0},
+    "aesthetics": {"rule": "aesthetic score", "value_range": "a number from 1 to 10", "tolerance": 1.0},
+}
+
+Task = Literal["synthetic", "age", "count", "aesthetics", "jsonl"]
+LossType = Literal["bnpo", "dapo", "grpo", "dr_grpo"]
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    enabled: bool = False
+    """Train a LoRA adapter through peft instead of all weights; the reference is the base with the adapter off."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (peft's ``lora_alpha``)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names (of the language model) that receive adapters."""
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "r", f"must be >= 1, got {self.r}")
+        _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name_or_path: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    """Hugging Face id or local folder of the policy; ``tiny`` builds the embedded tiny random-weight VLM."""
+    local_files_only: bool = False
+    """Never contact the Hub (tests and air-gapped machines)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype: ``auto`` is bfloat16 on CUDA and float32 on CPU."""
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    """``auto`` picks flash_attention_2 when flash-attn imports on CUDA, else sdpa."""
+    use_liger: bool = True
+    """Apply Liger's Qwen2.5-VL patch (RMSNorm, SwiGLU, ...) on CUDA; ignored on CPU where its kernels can't run."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    freeze_vision: bool = False
+    """Freeze the vision tower (and its merger): only the language model trains."""
+    min_pixels: int = 56 * 56
+    """Smallest image area after the processor's resize (METHOD.md section 1)."""
+    max_pixels: int = 448 * 448
+    """Largest image area after resize: 448*448 gives at most 256 visual tokens per image."""
+    tiny_dir: str = "runs/tiny_vlm"
+    """Where ``name_or_path: tiny`` builds (or reuses) the tiny VLM."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Optional LoRA adapter."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name_or_path), "name_or_path", "must not be empty")
+        _check(self.min_pixels >= 28 * 28, "min_pixels", f"must be >= {28 * 28} (one 28x28 merged patch)")
+        _check(self.max_pixels >= self.min_pixels, "max_pixels", f"must be >= min_pixels ({self.min_pixels})")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    task: Task = "synthetic"
+    """Which data: the embedded synthetic benchmark, UTKFace (age), COCO-REM (count), AVA (aesthetics), or a JSONL
+    manifest of ``{"image": path, "value": v}`` lines."""
+    root: str | None = None
+    """Folder (or manifest file for ``jsonl``) the loader reads; nothing is ever downloaded."""
+    split_file: str | None = None
+    """Optional split list (UTKFace coral-cnn CSV); AVA and COCO-REM use their own split files under ``root``."""
+    rule: str | None = None
+    """The quantity named in the prompt; None takes the task's default (METHOD.md section 1)."""
+    value_range: str | None = None
+    """The value-range phrase of the prompt; None takes the task's default."""
+    tolerance: float | None = None
+    """Regression tolerance delta (eq. 3); None takes the task's default."""
+    group_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """Images per prompt N for which groups are built (and evaluated)."""
+    num_test_groups: int = 200
+    """Fixed test groups per N, built once by seed."""
+    max_samples: int | None = None
+    """Cap on samples read (debugging); None reads all."""
+    seed: int = 0
+    """Seed of group building and splits: groups recur across epochs with stable keys."""
+
+    def __post_init__(self) -> None:
+        for n in self.group_sizes:
+            _check(1 <= n <= 8, "group_sizes", f"each N must be in 1..8, got {n}")
+        _check(len(set(self.group_sizes)) == len(self.group_sizes), "group_sizes", "has repeats")
+        _check(self.tolerance is None or self.tolerance > 0, "tolerance", f"must be > 0, got {self.tolerance}")
+        _check(self.num_test_groups >= 0, "num_test_groups", "must be >= 0")
+        _check(self.max_samples is None or self.max_samples >= 1, "max_samples", "must be >= 1 or null")
+        if self.task == "jsonl":
+            for key in ("root", "rule", "value_range", "tolerance"):
+                _check(getattr(self, key) is not None, key, "is required when task is 'jsonl'")
+        elif self.task in ("age", "count", "aesthetics"):
+            _check(self.root is not None, "root", f"is required for task '{self.task}' (the dataset folder)")
+
+    def resolved(self, key: Literal["rule", "value_range", "tolerance"]) -> Any:
+        """The field's value, or the task's default when it is None."""
+        value = getattr(self, key)
+        return value if value is not None else TASK_DEFAULTS.get(self.task, {}).get(key)
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    backend: Literal["hf", "sglang"] = "hf"
+    """Rollout engine: our HF engine (CPU and GPU) or SGLang's offline Engine (GPU only)."""
+    num_generations: int = 8
+    """G, responses sampled per prompt."""
+    prompts_per_step: int = 8
+    """Prompts (groups) per rollout batch, across all ranks."""
+    temperature: float = 1.0
+    """Sampling temperature T; every log-prob is taken from logits / T (METHOD.md section 4)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1.0 disables."""
+    top_k: int = 0
+    """Top-k sampling; 0 disables."""
+    max_new_tokens: int = 512
+    """Completion length limit (also ``max_completion_length`` of the dr_grpo aggregation)."""
+    sglang_mem_fraction: float = 0.5
+    """SGLang's static memory fraction when colocated with training."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_generations >= 1, "num_generations", f"must be >= 1, got {self.num_generations}")
+        _check(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+        _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _check(0 < self.sglang_mem_fraction < 1, "sglang_mem_fraction", "must be in (0, 1)")
+
+
+def _check_reward_weights(alpha: float, beta: float, prefix: str = "") -> None:
+    _check(alpha >= 0, f"{prefix}alpha", f"must be >= 0, got {alpha}")
+    _check(beta >= 0, f"{prefix}beta", f"must be >= 0, got {beta}")
+    _check(alpha + beta <= 1 + 1e-12, f"{prefix}beta", f"alpha + beta must be <= 1, got {alpha} + {beta}")
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    lam: float = 0.2
+    """Weight of the format reward in eq. 8: R = lam * R_f + (1 - lam) * R_f * (alpha * R_reg + beta * R_rank)."""
+    alpha: float = 0.5
+    """Weight of the regression reward (stage 2's; stage 1 overrides it, see ``stage1.alpha``)."""
+    beta: float = 0.5
+    """Weight of the ranking reward (stage 2's; stage 1 overrides it, see ``stage1.beta``)."""
+    weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+    """Ranking weights (w_len, w_cons, w_acc) of eq. 7."""
+    tolerance: float | None = None
+    """Regression tolerance delta; None takes ``data.tolerance`` or the task's default."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
+        _check_reward_weights(self.alpha, self.beta)
+        _check(all(w >= 0 for w in self.weights), "weights", f"must all be >= 0, got {list(self.weights)}")
+        _check(sum(self.weights) <= 1 + 1e-9, "weights", f"must sum to <= 1, got {sum(self.weights)}")
+        _check(self.tolerance is None or self.tolerance > 0, "tolerance", f"must be > 0, got {self.tolerance}")
+
+
+@dataclass(kw_only=True)
+class RMOConfig:
+    mode: Literal["stagnant", "always"] = "stagnant"
+    """Which groups may be mutated: stagnant ones (std(R) < sigma_min) or all (METHOD.md section 5)."""
+    source: Literal["gt", "best"] = "gt"
+    """Reference answer: the rendered ground truth, or the best response seen for the group (falls back to gt)."""
+    sigma_min: float = 1e-3
+    """Reward-spread threshold below which a group is stagnant."""
+    p_mut: float = 0.5
+    """Probability that an eligible group is mutated."""
+    k_mut: int = 1
+    """Lowest-reward responses replaced per mutated group."""
+
+    def __post_init__(self) -> None:
+        _check(self.sigma_min >= 0, "sigma_min", f"must be >= 0, got {self.sigma_min}")
+        _check(0 <= self.p_mut <= 1, "p_mut", f"must be in [0, 1], got {self.p_mut}")
+        _check(self.k_mut >= 1, "k_mut", f"must be >= 1, got {self.k_mut}")
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    beta_kl: float = 0.04
+    """Weight of the k3 KL to the frozen reference (METHOD.md section 4); 0 skips the reference forward."""
+    eps_low: float = 0.2
+    """Lower clip range: ratio is clipped at 1 - eps_low."""
+    eps_high: float = 0.2
+    """Upper clip range: ratio is clipped at 1 + eps_high."""
+    loss_type: LossType = "bnpo"
+    """Aggregation: bnpo/dapo token-mean, grpo seq-mean-token-mean, dr_grpo sum / (rows * max_new_tokens)."""
+    scale_by_std: bool = True
+    """Divide advantages by the group's std (GRPO); False gives Dr.GRPO's mean-centred advantages."""
+    std_unbiased: bool = False
+    """Bessel's correction in the group std (METHOD.md: off)."""
+    impl: Literal["auto", "triton", "chunked", "torch"] = "auto"
+    """Kernel implementation of the fused lm_head + GRPO loss: auto is triton on CUDA, chunked torch on CPU."""
+
+    def __post_init__(self) -> None:
+        _check(self.beta_kl >= 0, "beta_kl", f"must be >= 0, got {self.beta_kl}")
+        _check(self.eps_low >= 0, "eps_low", f"must be >= 0, got {self.eps_low}")
+        _check(self.eps_low < 1, "eps_low", f"must be < 1 (ratio clipped at 1 - eps_low), got {self.eps_low}")
+        _check(self.eps_high >= 0, "eps_high", f"must be >= 0, got {self.eps_high}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip; 0 disables."""
+    warmup_ratio: float = 0.03
+    """Linear warmup as a fraction of a stage's steps, then cosine decay to 0."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward; gradients accumulate over the rollout batch."""
+    update_epochs: int = 1
+    """mu: policy-update epochs per rollout batch (with 1, logp_old = logp.detach())."""
+    max_nonfinite_steps: int = 3
+    """K: this many non-finite losses or gradients in a row stop the run."""
+
+    def __post_init__(self) -> None:
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(all(0 <= b < 1 for b in self.betas), "betas", f"each must be in [0, 1), got {list(self.betas)}")
+        _check(self.adam_eps > 0, "adam_eps", "must be > 0")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        _check(self.update_epochs >= 1, "update_epochs", "must be >= 1")
+        _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    enabled: bool = True
+    """Run this stage."""
+    steps: int = 500
+    """Optimizer steps (one rollout batch each) in this stage."""
+    lr: float = 1e-6
+    """Peak learning rate of the stage."""
+    group_mix: dict[int, float] = field(default_factory=lambda: {1: 1.0})
+    """Sampling weight of each N (images per prompt) in this stage's batches."""
+    alpha: float | None = None
+    """Regression weight in this stage; None takes ``reward.alpha``."""
+    beta: float | None = None
+    """Ranking weight in this stage; None takes ``reward.beta``."""
+    rmo: bool = False
+    """Apply RMO in this stage."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(bool(self.group_mix), "group_mix", "must name at least one N")
+        for n, w in self.group_mix.items():
+            _check(1 <= n <= 8, "group_mix", f"N must be in 1..8, got {n}")
+            _check(w >= 0, "group_mix", f"weight of N={n} must be >= 0, got {w}")
+        _check(sum(self.group_mix.values()) > 0, "group_mix", "weights must not all be 0")
+        if self.alpha is not None:
+            _check_reward_weights(self.alpha, self.beta if self.beta is not None else 0.0)
+        if self.beta is not None:
+            _check(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
+
+
+def _stage1() -> StageConfig:
+    return StageConfig(steps=500, lr=1e-6, group_mix={1: 1.0}, alpha=1.0, beta=0.0, rmo=False)
+
+
+def _stage2() -> StageConfig:
+    return StageConfig(steps=1000, lr=1e-6, group_mix={1: 0.25, 2: 0.25, 4: 0.25, 8: 0.25}, rmo=True)
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    log_every: int = 1
+    """Log metrics every this many optimizer steps."""
+    eval_every: int = 0
+    """Held-out evaluation every this many steps; 0 disables periodic eval."""
+    trackers: list[Literal["tensorboard", "wandb", "jsonl"]] = field(default_factory=lambda: ["jsonl"])
+    """accelerate trackers (wandb only when installed) plus our JSONL metrics file."""
+    wandb_project: str | None = None
+    """W&B project when ``wandb`` is among the trackers."""
+    progress_bar: bool = True
+    """Console progress bar."""
+
+    def __post_init__(self) -> None:
+        _check(self.log_every >= 1, "log_every", "must be >= 1")
+        _check(self.eval_every >= 0, "eval_every", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    save_every: int = 100
+    """Save every this many optimizer steps (and at each stage's end); 0 saves only at stage ends."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted."""
+    save_optimizer: bool = True
+    """Also save optimizer, scheduler and RNG states (needed to resume)."""
+
+    def __post_init__(self) -> None:
+        _check(self.save_every >= 0, "save_every", "must be >= 0")
+        _check(self.keep_last >= 1, "keep_last", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class Config:
+    run_name: str = "rarl"
+    """Name of the run (folder under output_dir)."""
+    output_dir: str = "runs"
+    """Parent folder of run folders (checkpoints, logs, eval tables)."""
+    seed: int = 0
+    """Global seed (torch, sampling, RMO)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Policy / reference / processor loading."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data source, prompts and groups."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout engine and sampling."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Ranking-aware reward (METHOD.md section 3)."""
+    rmo: RMOConfig = field(default_factory=RMOConfig)
+    """Response Mutation Operation (METHOD.md section 5)."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """GRPO loss (METHOD.md section 4)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer, schedule, micro-batching."""
+    stage1: StageConfig = field(default_factory=_stage1)
+    """Stage 1: 1-image samples, regression reward only, no RMO (METHOD.md section 6)."""
+    stage2: StageConfig = field(default_factory=_stage2)
+    """Stage 2: mixed N, full reward, RMO."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and trackers."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resume."""
+
+    def __post_init__(self) -> None:
+        for name in ("stage1", "stage2"):
+            stage: StageConfig = getattr(self, name)
+            alpha, beta = self.stage_reward_weights(stage)
+            try:
+                _check_reward_weights(alpha, beta)
+            except ConfigError as err:
+                raise err.under(name) from None
+            for n in stage.group_mix:
+                _check(
+                    n in self.data.group_sizes,
+                    f"{name}.group_mix",
+                    f"N={n} is not in data.group_sizes {self.data.group_sizes}",
+                )
+        G = self.rollout.num_generations
+        _check(
+            not (G == 1 and self.loss.scale_by_std),
+            "rollout.num_generations",
+            "a group size of 1 has std 0: std-scaled advantages are undefined (use >= 2, or loss.scale_by_std=false)",
+        )
+        _check(self.rmo.k_mut <= G, "rmo.k_mut", f"must be <= rollout.num_generations ({G}), got {self.rmo.k_mut}")
+        _check(
+            self.data.task == "synthetic" or self.tolerance() is not None,
+            "reward.tolerance",
+            f"no tolerance: set reward.tolerance or data.tolerance for task '{self.data.task}'",
+        )
+
+    def stage_reward_weights(self, stage: StageConfig) -> tuple[float, float]:
+        """(alpha, beta) in effect for ``stage``: its own values, else the reward section's."""
+        alpha = stage.alpha if stage.alpha is not None else self.reward.alpha
+        beta = stage.beta if stage.beta is not None else self.reward.beta
+        return alpha, beta
+
+    def tolerance(self) -> float | None:
+        """Regression tolerance: ``reward.tolerance``, else ``data.tolerance``, else the task's default.
+
+        None for the synthetic benchmark when neither is set: each synthetic task carries its own.
+        """
+        if self.reward.tolerance is not None:
+            return self.reward.tolerance
+        return self.data.resolved("tolerance")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading, overrides, dumping
+# ----------------------------------------------------------------------------------------------------------
+
+_FLOAT_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)", re.IGNORECASE)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked (and minimally converted) against the annotation ``tp``; raises ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping (section), got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(key, f"expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(key, f"expected a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(key, f"expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        return {_coerce(k, args[0], f"{key} (key {k!r})"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads `1e-6` (no dot) as a string
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported annotation {tp!r}")  # a bug in this module, not in the user's file
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = [n for n in names if n.lower() == str(k).lower() or n.startswith(str(k)[:3])]
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {sorted(names)}"
+            raise ConfigError(key, f"unknown key{hint}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise (err.under(prefix) if prefix else err) from None
+
+
+def config_from_dict(values: dict[str, Any], cls: type = Config) -> Any:
+    """Build ``cls`` (default :class:`Config`) from a nested dict; strict about keys, types and bounds."""
+    if not isinstance(values, dict):
+        raise ConfigError("", f"the top level must be a mapping, got {type(values).__name__}")
+    return _build(cls, values, "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (lists for tuples) that ``config_from_dict`` turns back into an equal config."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = config_to_dict(v)
+        elif isinstance(v, tuple | list):
+            v = list(v)
+        elif isinstance(v, dict):
+            v = dict(v)
+        out[f.name] = v
+    return out
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, f"'{p}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=value`` -> (``key.sub``, value parsed as YAML: numbers, true/false, null, lists, mappings)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ConfigError(key or text, f"override {text!r} is not of the form key.sub=value", "command line")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``path`` (YAML; None = all defaults), apply ``key.sub=value`` overrides, validate.
+
+    Any problem raises one :class:`ConfigError` naming the key and the file (or the override) it came from.
+    """
+    tree: dict[str, Any] = {}
+    source_of: dict[str, str] = {}
+    file_label = str(path) if path is not None else "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("", f"config file not found: {p}", file_label)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError("", f"not valid YAML: {err}", file_label) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError("", f"the top level must be a mapping, got {type(loaded).__name__}", file_label)
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        try:
+            _set_dotted(tree, key, value)
+        except ConfigError as err:
+            raise ConfigError(err.key, err.problem, f"command-line override {text!r}") from None
+        source_of[key] = f"command-line override {text!r}"
+    try:
+        return config_from_dict(tree)
+    except ConfigError as err:
+        raise ConfigError(err.key, err.problem, _source(err.key, source_of, file_label)) from None
+
+
+def _source(key: str, source_of: dict[str, str], file_label: str) -> str:
+    """The override that set ``key`` (or a section above it), else the file."""
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        hit = source_of.get(".".join(parts[:i]))
+        if hit:
+            return hit
+    for k, src in source_of.items():  # an override below the key (a field of the failing section)
+        if k.startswith(key + "."):
+            return src
+    return file_label
+
+
+def dump_config(cfg: Config, path: str | Path | None = None) -> str:
+    """YAML text of ``cfg`` (written to ``path`` when given); loading it gives an equal config."""
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    if path is not None:
+        Path(path).write_text(text, encoding="utf-8")
+    return text

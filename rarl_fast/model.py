@@ -1,0 +1,398 @@
+"""Load the policy, the frozen reference and the processor; build the embedded tiny VLM.
+
+Real checkpoints (a Hugging Face id or a local folder) and the tiny model go through the same loader.
+Without torchvision (the CPU machines here) transformers cannot build Qwen2.5-VL's video processor, so
+:func:`load_processor` falls back to an image-only processor made from the same folder's tokenizer,
+image processor and chat template; prompts and pixel values are identical to the full processor's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, ProcessorMixin
+
+    from rarl_fast.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "TINY_SPECIAL_TOKENS",
+    "choose_attn_implementation",
+    "choose_dtype",
+    "load_model",
+    "load_policy",
+    "load_processor",
+    "load_reference",
+    "make_tiny_vlm",
+    "resolve_model_path",
+]
+
+# Qwen2.5-VL's special tokens, in the order the tiny tokenizer adds them.
+TINY_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# Qwen2.5-VL's chat layout, written for the tiny tokenizer: a default system turn when none is given,
+# `<|vision_start|><|image_pad|><|vision_end|>` per image, `<|im_start|>assistant\n` as generation prompt.
+TINY_CHAT_TEMPLATE = (
+    "{% if messages and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device, dtype, attention
+# ----------------------------------------------------------------------------------------------------------
+
+
+def choose_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 elsewhere; otherwise the named dtype."""
+    device = torch.device(device)
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def choose_attn_implementation(requested: str, device: torch.device | str) -> str:
+    """``auto`` -> flash_attention_2 when flash-attn imports and the device is CUDA, else sdpa.
+
+    An explicit ``flash_attention_2`` without flash-attn or without CUDA raises a clear error.
+    """
+    device = torch.device(device)
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if (device.type == "cuda" and has_flash) else "sdpa"
+    if requested == "flash_attention_2" and not (device.type == "cuda" and has_flash):
+        missing = "flash-attn is not installed (pip install 'rarl-fast[gpu]')" if not has_flash else "no CUDA device"
+        raise RuntimeError(f"model.attn_implementation=flash_attention_2 but {missing}; use sdpa or auto")
+    return requested
+
+
+def _apply_liger(device: torch.device) -> bool:
+    """Patch transformers' Qwen2.5-VL classes with Liger's RMSNorm/SwiGLU (CUDA only); True when applied.
+
+    Departs from Liger's default: no fused linear cross-entropy, since our loss runs on hidden states through
+    ``rarl_kernels``; no rope patch, which does nothing on transformers 5.x.
+    """
+    if device.type != "cuda":
+        return False
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2_5_vl
+    except ImportError as err:  # liger-kernel missing, or transformers outside its range
+        log.warning("Liger's Qwen2.5-VL patch is unavailable (%s); running without it", err)
+        return False
+    apply_liger_kernel_to_qwen2_5_vl(rope=False, cross_entropy=False, fused_linear_cross_entropy=False)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Processor
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _image_only_processor_class():
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+        """Qwen2.5-VL's processor without a video processor (which needs torchvision).
+
+        Saves as ``Qwen2_5_VLProcessor`` so that a checkpoint written here loads as a standard one elsewhere.
+        """
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+        def save_pretrained(self, save_directory, *args, **kwargs):
+            out = super().save_pretrained(save_directory, *args, **kwargs)
+            for name in ("processor_config.json", "tokenizer_config.json", "preprocessor_config.json"):
+                path = Path(save_directory) / name
+                if not path.is_file():
+                    continue
+                data = json.loads(path.read_text(encoding="utf-8"))
+                if data.get("processor_class") == type(self).__name__:
+                    data["processor_class"] = "Qwen2_5_VLProcessor"
+                    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            return out
+
+    return ImageOnlyQwen2_5_VLProcessor
+
+
+def load_processor(
+    name_or_path: str | Path,
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    local_files_only: bool = False,
+) -> ProcessorMixin:
+    """The checkpoint's processor with left padding and the configured pixel bounds.
+
+    Tries ``AutoProcessor``; where that cannot build the video processor (no torchvision) it assembles the
+    image-only processor from the same checkpoint's tokenizer, image processor and chat template.
+    """
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    kw: dict[str, Any] = {"local_files_only": local_files_only}
+    try:
+        processor = AutoProcessor.from_pretrained(str(name_or_path), **kw)
+        if not hasattr(processor, "image_processor"):  # AutoProcessor fell back to a bare tokenizer
+            raise TypeError(f"{type(processor).__name__} has no image processor")
+    except (ImportError, OSError, TypeError, ValueError, AttributeError) as err:
+        log.info("AutoProcessor failed for %s (%s); using the image-only Qwen2.5-VL processor", name_or_path, err)
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kw)
+        image_processor = AutoImageProcessor.from_pretrained(str(name_or_path), **kw)
+        processor = _image_only_processor_class()(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+        )
+    processor.tokenizer.padding_side = "left"
+    ip = processor.image_processor
+    if min_pixels is not None or max_pixels is not None:
+        size = dict(getattr(ip, "size", None) or {})
+        if min_pixels is not None:
+            size["shortest_edge"] = int(min_pixels)
+        if max_pixels is not None:
+            size["longest_edge"] = int(max_pixels)
+        ip.size = size
+    return processor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(name_or_path: str, tiny_dir: str | Path = "runs/tiny_vlm") -> str:
+    """``tiny`` -> the embedded tiny VLM folder (built on first use); anything else unchanged."""
+    if name_or_path != "tiny":
+        return name_or_path
+    tiny_dir = Path(tiny_dir)
+    if not (tiny_dir / "config.json").is_file():
+        make_tiny_vlm(tiny_dir)
+    return str(tiny_dir)
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: str = "auto",
+    attn_implementation: str = "auto",
+    use_liger: bool = True,
+    gradient_checkpointing: bool = False,
+    freeze_vision: bool = False,
+    trainable: bool = True,
+    local_files_only: bool = False,
+) -> PreTrainedModel:
+    """A Qwen2.5-VL (any image-text-to-text model) on ``device``, ready for training or as a frozen reference."""
+    from transformers import AutoModelForImageTextToText
+
+    device = torch.device(device)
+    if use_liger:
+        _apply_liger(device)
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(name_or_path),
+        dtype=choose_dtype(dtype, device),
+        attn_implementation=choose_attn_implementation(attn_implementation, device),
+        local_files_only=local_files_only,
+    ).to(device)
+    if not trainable:
+        model.eval().requires_grad_(False)
+        return model
+    model.train()
+    if freeze_vision:
+        for p in _vision_parameters(model):
+            p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def _vision_parameters(model: torch.nn.Module) -> Iterable[torch.nn.Parameter]:
+    visual = getattr(getattr(model, "model", model), "visual", None) or getattr(model, "visual", None)
+    if visual is None:
+        raise ValueError(f"{type(model).__name__} has no vision tower to freeze")
+    return visual.parameters()
+
+
+def _model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "dtype": cfg.dtype,
+        "attn_implementation": cfg.attn_implementation,
+        "use_liger": cfg.use_liger,
+        "local_files_only": cfg.local_files_only,
+    }
+
+
+def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """The trainable policy as ``cfg`` says (checkpointing, frozen vision tower)."""
+    path = resolve_model_path(cfg.name_or_path, cfg.tiny_dir)
+    return load_model(
+        path,
+        device=device,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        freeze_vision=cfg.freeze_vision,
+        **_model_kwargs(cfg),
+    )
+
+
+def load_reference(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """The frozen reference: the same weights as the initial policy, eval mode, no gradients."""
+    path = resolve_model_path(cfg.name_or_path, cfg.tiny_dir)
+    return load_model(path, device=device, trainable=False, **_model_kwargs(cfg))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tiny VLM
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _tiny_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: our prompts and answers, so that they tokenize compactly."""
+    system = (
+        "The user asks a question, and the Assistant solves it. The assistant first thinks about the reasoning "
+        "process in the mind and then provides the user with the answer. The reasoning process and answer are "
+        "enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
+        "process here </think> <answer> answer here </answer>."
+    )
+    rules = ["age", "aesthetic score", "number of cats", "number of shapes", "length of the bar", "brightness"]
+    lines = [system, "You are a helpful assistant.", "system user assistant Reference answer."]
+    for rule in rules:
+        lines.append(
+            f"Image 1: Image 2: Analyze each image to determine the {rule}, and if there are multiple images, sort "
+            f"them in ascending order of {rule}. Output the results as a JSON list of dictionaries in this format: "
+            f"[{{'image_id': number, 'value': value}}, ...], where value is the {rule} (an integer from 0 to 116, a "
+            "number from 1 to 10). Ensure the list is sorted correctly with strictly followed syntax."
+        )
+    for i in range(0, 120):
+        item = f'{{"image_id": {i % 8 + 1}, "value": {i}}}'
+        lines.append(f"<think>The image shows {i}.</think> <answer>[{item}]</answer>")
+        lines.append(f'{{"image_id": {i % 8 + 1}, "value": {i / 10}}}, ')
+    return lines
+
+
+def _tiny_tokenizer():
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = tokenizers.Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=448, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(_tiny_corpus(), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Qwen2Tokenizer(
+        vocab=model["vocab"],
+        merges=merges,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=list(TINY_SPECIAL_TOKENS[1:]),
+    )
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def make_tiny_vlm(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    vision_depth: int = 2,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 112 * 112,
+) -> Path:
+    """Build and save a tiny random-weight Qwen2.5-VL with an offline tokenizer, chat template and processor.
+
+    The folder is a standard ``save_pretrained`` checkpoint (config, safetensors, tokenizer, processor
+    configs), loadable by :func:`load_model` / :func:`load_processor` like a real one. About 0.7 M
+    parameters; images of 56..112 px give 4..16 visual tokens each. Deterministic for a given seed.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _tiny_tokenizer()
+    ids = dict(zip(TINY_SPECIAL_TOKENS, tok.convert_tokens_to_ids(list(TINY_SPECIAL_TOKENS))))
+    vocab_size = -(-len(tok) // 64) * 64  # rows padded to a multiple of 64, as real checkpoints pad theirs
+    head_dim = hidden_size // 4
+    third = head_dim // 2 // 4  # mrope_section must sum to head_dim / 2: (t, h, w) = (1/4, 3/8, 3/8)
+    mrope = [third, (head_dim // 2 - third) // 2, head_dim // 2 - third - (head_dim // 2 - third) // 2]
+    special = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "bos_token_id": None}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
+            tie_word_embeddings=False,
+            **special,
+        ),
+        vision_config=dict(
+            depth=vision_depth,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            out_hidden_size=hidden_size,
+            window_size=56,
+            fullatt_block_indexes=[vision_depth - 1],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        **special,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.bos_token_id = None
+    model.save_pretrained(out)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    processor = _image_only_processor_class()(
+        image_processor=image_processor, tokenizer=tok, chat_template=TINY_CHAT_TEMPLATE
+    )
+    processor.save_pretrained(out)
+    return out

@@ -1,0 +1,45 @@
+"""Test-wide setup. TRITON_INTERPRET must be set before anything imports triton (including liger_kernel)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU-marked tests run only where CUDA exists (bench/gpu_check.sh); elsewhere they are skipped, counted."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """`../shared` beside the checkout (METHOD.md, fixtures)."""
+    if not SHARED.is_dir():
+        pytest.fail(f"expected the shared folder at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight Qwen2.5-VL with offline tokenizer/processor, built once per session."""
+    from rarl_fast.model import make_tiny_vlm
+
+    out = tmp_path_factory.mktemp("tiny_vlm")
+    make_tiny_vlm(out, seed=0)
+    return out

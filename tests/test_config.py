@@ -1,0 +1,221 @@
+"""Config tree: YAML round trip, overrides, and one clear error per problem naming the key and its source."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rarl_fast.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def _every_field_documented(cls) -> list[str]:
+    """Names of fields without a docstring (the attribute docstring right after the field)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    missing = []
+    for i, node in enumerate(body):
+        if isinstance(node, ast.AnnAssign):
+            nxt = body[i + 1] if i + 1 < len(body) else None
+            is_doc = isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
+            if not is_doc:
+                missing.append(node.target.id)
+    return missing
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in SHIPPED}
+    assert {"demo_cpu.yaml", "utkface_3b.yaml", "cocorem_3b.yaml", "ava_3b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_round_trip_yaml_dataclasses_yaml(path: Path, tmp_path: Path):
+    cfg = load_config(path)
+    text = dump_config(cfg)
+    again = load_config(_write(tmp_path, text))
+    assert again == cfg
+    assert dump_config(again) == text
+
+
+def test_defaults_round_trip_and_method_defaults():
+    cfg = Config()
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+    # METHOD.md defaults
+    assert cfg.reward.lam == 0.2 and cfg.reward.alpha == 0.5 and cfg.reward.beta == 0.5
+    assert cfg.reward.weights == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    assert cfg.loss.beta_kl == 0.04 and cfg.loss.eps_low == 0.2 and cfg.loss.eps_high == 0.2
+    assert cfg.loss.loss_type == "bnpo" and cfg.loss.scale_by_std and not cfg.loss.std_unbiased
+    assert cfg.rollout.num_generations == 8 and cfg.rollout.temperature == 1.0
+    assert (cfg.rmo.mode, cfg.rmo.source, cfg.rmo.sigma_min, cfg.rmo.p_mut, cfg.rmo.k_mut) == (
+        "stagnant",
+        "gt",
+        1e-3,
+        0.5,
+        1,
+    )
+    assert (cfg.model.min_pixels, cfg.model.max_pixels) == (56 * 56, 448 * 448)
+    assert cfg.stage_reward_weights(cfg.stage1) == (1.0, 0.0) and not cfg.stage1.rmo
+    assert cfg.stage_reward_weights(cfg.stage2) == (0.5, 0.5) and cfg.stage2.rmo
+    assert set(cfg.stage2.group_mix) == {1, 2, 4, 8}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_paper_configs_keep_method_defaults(path: Path):
+    cfg = load_config(path)
+    assert cfg.reward.lam == 0.2 and cfg.loss.beta_kl == 0.04
+    assert cfg.loss.eps_low == cfg.loss.eps_high == 0.2
+    assert cfg.stage_reward_weights(cfg.stage1) == (1.0, 0.0)
+    assert cfg.stage_reward_weights(cfg.stage2) == (0.5, 0.5)
+
+
+def test_every_field_has_a_docstring():
+    classes = [Config]
+    seen = []
+    while classes:
+        cls = classes.pop()
+        seen.append(cls)
+        assert _every_field_documented(cls) == [], cls.__name__
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default) and type(default) not in seen:
+                classes.append(type(default))
+    assert len(seen) >= 12
+
+
+def test_overrides_typed_and_nested(tmp_path: Path):
+    path = ROOT / "configs" / "demo_cpu.yaml"
+    cfg = load_config(
+        path,
+        [
+            "loss.beta_kl=0.1",
+            "rollout.num_generations=6",
+            "model.lora.enabled=true",
+            "stage2.group_mix={1: 0.5, 8: 0.5}",
+            "data.group_sizes=[1, 8]",
+            "reward.tolerance=1e-1",  # YAML reads 1e-1 as a string; float fields accept it
+            "run_name=my run",
+        ],
+    )
+    assert cfg.loss.beta_kl == 0.1 and cfg.rollout.num_generations == 6 and cfg.model.lora.enabled
+    assert cfg.stage2.group_mix == {1: 0.5, 8: 0.5} and cfg.data.group_sizes == [1, 8]
+    assert cfg.reward.tolerance == 0.1 and cfg.run_name == "my run"
+    assert load_config(path, ["rollout.top_k=5"]).rollout.top_k == 5
+
+
+def test_config_to_dict_is_plain():
+    d = config_to_dict(Config())
+    assert isinstance(d["reward"]["weights"], list) and isinstance(d["stage2"]["group_mix"], dict)
+    yaml.safe_dump(d)  # only plain types
+
+
+def _error(tmp_path: Path, text: str = "", overrides: tuple[str, ...] = ()) -> ConfigError:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    return info.value
+
+
+def test_unknown_key_names_key_and_file(tmp_path: Path):
+    err = _error(tmp_path, "loss:\n  beta_kll: 0.1\n")
+    assert err.key == "loss.beta_kll"
+    assert "unknown key" in str(err) and "beta_kl" in str(err) and str(tmp_path / "cfg.yaml") in str(err)
+    err = _error(tmp_path, "lossy: {}\n")
+    assert err.key == "lossy" and "unknown key" in str(err)
+
+
+def test_unknown_key_from_override_names_the_override(tmp_path: Path):
+    err = _error(tmp_path, "", ("reward.lamda=0.3",))
+    assert err.key == "reward.lamda" and "reward.lamda=0.3" in str(err) and "command-line override" in str(err)
+
+
+@pytest.mark.parametrize(
+    "text, key, words",
+    [
+        ("loss:\n  beta_kl: high\n", "loss.beta_kl", "expected a number"),
+        ("rollout:\n  num_generations: 2.5\n", "rollout.num_generations", "expected an integer"),
+        ("rollout:\n  num_generations: true\n", "rollout.num_generations", "expected an integer"),
+        ("model:\n  use_liger: 1\n", "model.use_liger", "expected true/false"),
+        ("loss:\n  loss_type: ppo\n", "loss.loss_type", "must be one of"),
+        ("data:\n  group_sizes: 4\n", "data.group_sizes", "expected a list"),
+        ("reward:\n  weights: [0.5, 0.5]\n", "reward.weights", "expected 3 items"),
+        ("model: tiny\n", "model", "expected a mapping"),
+        ("stage2:\n  group_mix: {one: 1.0}\n", "stage2.group_mix", "expected an integer"),
+    ],
+)
+def test_wrong_type(tmp_path: Path, text: str, key: str, words: str):
+    err = _error(tmp_path, text)
+    assert err.key.startswith(key) and words in str(err) and "cfg.yaml" in str(err)
+
+
+@pytest.mark.parametrize(
+    "text, key, words",
+    [
+        ("reward:\n  lam: 1.5\n", "reward.lam", "[0, 1]"),
+        ("reward:\n  lam: -0.1\n", "reward.lam", "[0, 1]"),
+        ("reward:\n  alpha: -0.5\n", "reward.alpha", ">= 0"),
+        ("reward:\n  alpha: 0.7\n  beta: 0.5\n", "reward.beta", "alpha + beta must be <= 1"),
+        ("reward:\n  weights: [0.5, 0.5, 0.5]\n", "reward.weights", "sum to <= 1"),
+        ("reward:\n  weights: [1.2, -0.1, -0.1]\n", "reward.weights", ">= 0"),
+        ("stage1:\n  alpha: 0.9\n  beta: 0.3\n", "stage1.beta", "alpha + beta must be <= 1"),
+        ("stage2:\n  alpha: 0.9\n", "stage2.beta", "alpha + beta must be <= 1"),
+        ("loss:\n  eps_low: -0.1\n", "loss.eps_low", ">= 0"),
+        ("loss:\n  eps_high: -0.2\n", "loss.eps_high", ">= 0"),
+        ("rollout:\n  num_generations: 1\n", "rollout.num_generations", "group size of 1"),
+        ("rollout:\n  temperature: 0\n", "rollout.temperature", "> 0"),
+        ("rollout:\n  top_p: 1.5\n", "rollout.top_p", "(0, 1]"),
+        ("rmo:\n  p_mut: 2\n", "rmo.p_mut", "[0, 1]"),
+        ("rmo:\n  k_mut: 9\n", "rmo.k_mut", "<= rollout.num_generations"),
+        ("data:\n  group_sizes: [1, 16]\n", "data.group_sizes", "1..8"),
+        ("stage2:\n  group_mix: {3: 1.0}\n", "stage2.group_mix", "not in data.group_sizes"),
+        ("data:\n  task: age\n", "data.root", "required"),
+        ("data:\n  task: jsonl\n  root: m.jsonl\n", "data.rule", "required"),
+        ("model:\n  min_pixels: 100\n", "model.min_pixels", ">= 784"),
+        ("model:\n  min_pixels: 40000\n  max_pixels: 30000\n", "model.max_pixels", ">= min_pixels"),
+    ],
+)
+def test_impossible_values(tmp_path: Path, text: str, key: str, words: str):
+    err = _error(tmp_path, text)
+    assert err.key == key, str(err)
+    assert words in str(err) and "cfg.yaml" in str(err)
+
+
+def test_group_size_one_is_fine_without_std_scaling(tmp_path: Path):
+    cfg = load_config(_write(tmp_path, "rollout:\n  num_generations: 1\nloss:\n  scale_by_std: false\n"))
+    assert cfg.rollout.num_generations == 1
+
+
+def test_impossible_value_from_override_names_the_override(tmp_path: Path):
+    err = _error(tmp_path, "loss:\n  eps_low: 0.1\n", ("loss.eps_low=-1",))
+    assert err.key == "loss.eps_low" and "'loss.eps_low=-1'" in str(err)
+
+
+def test_bad_file_and_bad_override_syntax(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    assert "top level must be a mapping" in str(_error(tmp_path, "- 1\n- 2\n"))
+    assert "not valid YAML" in str(_error(tmp_path, "loss: [\n"))
+    assert "key.sub=value" in str(_error(tmp_path, "", ("loss.beta_kl",)))
+    assert "is a value, not a section" in str(_error(tmp_path, "", ("run_name=x", "run_name.sub=1")))
+
+
+def test_task_defaults_resolve():
+    cfg = load_config(None, ["data.task=age", "data.root=/data/UTKFace"])
+    assert cfg.tolerance() == 10.0 and cfg.data.resolved("rule") == "age"
+    cfg = load_config(None, ["data.task=count", "data.root=/c", "reward.tolerance=3"])
+    assert cfg.tolerance() == 3.0
+    assert load_config(None, ["data.task=aesthetics", "data.root=/a"]).tolerance() == 1.0
