@@ -40,6 +40,8 @@ SUMMARY="$OUT_DIR/gpu_check_${SLUG}.md"
 : > "$LOG"
 export RARL_BENCH_OUT="$OUT_DIR" RARL_GPU_SLUG="$SLUG" RARL_DRY_RUN="$DRY" RARL_QUICK="$QUICK"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# The device machine gets a copy of the work tree without .git: pass the commit in RARL_COMMIT there.
+export RARL_COMMIT=${RARL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 
 START=$(date +%s)
 FAILED=0
@@ -68,7 +70,7 @@ run_part() {
 
 part_env() {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "commit: $RARL_COMMIT"
   if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi; else echo "nvidia-smi: not found"; fi
   "$PY" - <<'EOF'
 import importlib.metadata as md, platform
@@ -114,33 +116,46 @@ part_smoke() {
   "$PY" bench/gpu_smoke.py "${extra[@]}"
 }
 
-export DRY QUICK PY OUT_DIR SLUG
-export -f part_env part_install part_gpu_tests part_smoke
+part_rollout_bench() {
+  if [ "$DRY" = 1 ]; then "$PY" bench/bench_rollout.py --scenario toy --device cpu
+  elif [ "$QUICK" = 1 ]; then "$PY" bench/bench_rollout.py --scenario bench --device cuda --images 4
+  else "$PY" bench/bench_rollout.py --scenario bench --device cuda
+  fi
+}
 
-if [ "$QUICK" = 1 ] || [ "$DRY" = 1 ]; then
-  B_TESTS=60; B_SMOKE=60
+export DRY QUICK PY OUT_DIR SLUG
+export -f part_env part_install part_gpu_tests part_smoke part_rollout_bench
+
+# Time budgets (seconds) per part; each is a cap enforced by `timeout`. Full <= 5 min, --quick <= 2 min.
+if [ "$DRY" = 1 ]; then
+  B_ENV=30; B_INSTALL=30; B_TESTS=60; B_SMOKE=60; B_ROLLOUT=150
+elif [ "$QUICK" = 1 ]; then
+  B_ENV=10; B_INSTALL=25; B_TESTS=30; B_SMOKE=20; B_ROLLOUT=35
 else
-  B_TESTS=150; B_SMOKE=90
+  B_ENV=15; B_INSTALL=40; B_TESTS=90; B_SMOKE=45; B_ROLLOUT=100
 fi
 
-run_part env 30 part_env
-run_part install 60 part_install
+run_part env "$B_ENV" part_env
+run_part install "$B_INSTALL" part_install
 if [ "$DRY" = 0 ] && [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
 run_part gpu-tests "$B_TESTS" part_gpu_tests
 run_part smoke "$B_SMOKE" part_smoke
-# Later issues add their parts here (kernels bench, rollout bench, step bench), each with its own budget.
+run_part rollout-bench "$B_ROLLOUT" part_rollout_bench
+# Later issues add their parts here (kernels bench, step bench), each with its own budget.
 
 TOTAL=$(( $(date +%s) - START ))
 {
   echo "# GPU check ($SLUG)"
   echo
-  echo "date $(date -u +%Y-%m-%d), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), dry-run=$DRY, quick=$QUICK, total ${TOTAL}s"
+  echo "date $(date -u +%Y-%m-%d), commit $RARL_COMMIT, dry-run=$DRY, quick=$QUICK, total ${TOTAL}s"
   echo
   echo "| part | status | seconds |"
   echo "|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
   echo
-  if [ -f "$OUT_DIR/gpu_smoke_${SLUG}.csv" ]; then echo '```'; cat "$OUT_DIR/gpu_smoke_${SLUG}.csv"; echo '```'; fi
+  for f in "$OUT_DIR/gpu_smoke_${SLUG}.csv" "$OUT_DIR/rollout.csv"; do
+    if [ -f "$f" ]; then echo "$(basename "$f"):"; echo '```'; cat "$f"; echo '```'; fi
+  done
 } > "$SUMMARY"
 cat "$SUMMARY"
 echo "results in $OUT_DIR"

@@ -334,6 +334,8 @@ def make_tiny_vlm(
     hidden_size: int = 128,
     num_layers: int = 2,
     vision_depth: int = 2,
+    vision_hidden_size: int = 64,
+    vocab_size: int | None = None,
     min_pixels: int = 56 * 56,
     max_pixels: int = 112 * 112,
 ) -> Path:
@@ -342,6 +344,8 @@ def make_tiny_vlm(
     The folder is a standard ``save_pretrained`` checkpoint (config, safetensors, tokenizer, processor
     configs), loadable by :func:`load_model` / :func:`load_processor` like a real one. About 0.7 M
     parameters; images of 56..112 px give 4..16 visual tokens each. Deterministic for a given seed.
+    The size arguments build larger random-init models of the same family for benchmarks (``vocab_size``
+    defaults to the tokenizer's size rounded up to a multiple of 64).
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -350,7 +354,9 @@ def make_tiny_vlm(
     out.mkdir(parents=True, exist_ok=True)
     tok = _tiny_tokenizer()
     ids = dict(zip(TINY_SPECIAL_TOKENS, tok.convert_tokens_to_ids(list(TINY_SPECIAL_TOKENS))))
-    vocab_size = -(-len(tok) // 64) * 64  # rows padded to a multiple of 64, as real checkpoints pad theirs
+    vocab_size = vocab_size or -(-len(tok) // 64) * 64  # padded to a multiple of 64, as real checkpoints are
+    if vocab_size < len(tok):
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer ({len(tok)} tokens)")
     head_dim = hidden_size // 4
     third = head_dim // 2 // 4  # mrope_section must sum to head_dim / 2: (t, h, w) = (1/4, 3/8, 3/8)
     mrope = [third, (head_dim // 2 - third) // 2, head_dim // 2 - third - (head_dim // 2 - third) // 2]
@@ -370,9 +376,9 @@ def make_tiny_vlm(
         ),
         vision_config=dict(
             depth=vision_depth,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=2,
+            hidden_size=vision_hidden_size,
+            intermediate_size=2 * vision_hidden_size,
+            num_heads=max(2, vision_hidden_size // 64),
             out_hidden_size=hidden_size,
             window_size=56,
             fullatt_block_indexes=[vision_depth - 1],

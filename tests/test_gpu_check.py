@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.timeout(420)
 def test_gpu_check_dry_run(tmp_path: Path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     env.pop("TRITON_INTERPRET", None)
@@ -25,10 +28,12 @@ def test_gpu_check_dry_run(tmp_path: Path):
     assert len(files) <= 8
     assert "gpu_check_cpu-dry-run.log" in files and "gpu_check_cpu-dry-run.md" in files
     summary = (tmp_path / "gpu_check_cpu-dry-run.md").read_text()
-    for part in ("env", "install", "gpu-tests", "smoke"):
+    for part in ("env", "install", "gpu-tests", "smoke", "rollout-bench"):
         assert f"| {part} | ok |" in summary, summary
     smoke = (tmp_path / "gpu_smoke_cpu-dry-run.csv").read_text().splitlines()
     assert smoke[0].startswith("date,commit,device") and len(smoke) == 2
+    rollout = (tmp_path / "rollout.csv").read_text().splitlines()
+    assert rollout[0].startswith("date,commit,device") and len(rollout) == 5  # 2 providers x 1 and 4 images
 
 
 def test_gpu_check_rejects_unknown_flags():

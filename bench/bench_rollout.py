@@ -1,0 +1,178 @@
+"""Rollout benchmark: our shared-prefix HF engine vs ``model.generate(num_return_sequences=G)``, one run.
+
+Fixed scenario (``--scenario bench``): a random-init Qwen2.5-VL of the same family as the test model but
+larger (text: hidden 512, 4 layers, 4 heads / 2 KV heads, vocab 151936; vision: hidden 256, depth 4), B = 2
+prompts, G = 8, 1 and 4 images of 448x448 per prompt (256 visual tokens each), 160 new tokens per completion
+with EOS ignored (both providers decode exactly 160 tokens). ``--scenario toy`` is a seconds-long version for
+``gpu_check.sh --dry-run``. Each provider runs in its own subprocess so that peak memory (max RSS on CPU,
+``max_memory_allocated`` on CUDA) is its own. Prints a table with ratios; appends rows to
+``bench/results/rollout.csv`` (or ``$RARL_BENCH_OUT``).
+
+    python bench/bench_rollout.py                 # CPU, fixed scenario
+    python bench/bench_rollout.py --device cuda   # GPU part of gpu_check.sh
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+SCENARIOS = {
+    "bench": dict(
+        model=dict(hidden_size=512, num_layers=4, vision_depth=4, vision_hidden_size=256, vocab_size=151936),
+        image_px=448,
+        prompts=2,
+        G=8,
+        new_tokens=160,
+    ),
+    "toy": dict(model=dict(), image_px=112, prompts=2, G=4, new_tokens=8),
+}
+
+
+def _build_inputs(processor, n_images: int, prompts: int, px: int):
+    from PIL import Image
+
+    from rarl_fast.data.prompts import build_messages
+
+    text = processor.apply_chat_template(
+        build_messages(n_images, "age", "an integer from 0 to 116"), add_generation_prompt=True
+    )
+    images = [[Image.new("RGB", (px, px), (17 * i + 40 * p, 90, 160)) for i in range(n_images)] for p in range(prompts)]
+    return processor(text=[text] * prompts, images=images, return_tensors="pt", padding=True)
+
+
+def _worker(model_dir: str, provider: str, n_images: int, sc: dict, device: str, queue) -> None:
+    import torch
+
+    from rarl_fast.model import load_model, load_processor
+    from rarl_fast.rollout import GenerationParams, HFEngine
+
+    torch.manual_seed(0)
+    px = sc["image_px"]
+    processor = load_processor(model_dir, min_pixels=px * px, max_pixels=px * px)
+    model = load_model(model_dir, device=device, trainable=False)
+    enc = _build_inputs(processor, n_images, sc["prompts"], px).to(device)
+    G, new = sc["G"], sc["new_tokens"]
+    engine = HFEngine(model, processor.tokenizer, eos_token_ids=[])  # EOS ignored: exactly `new` tokens
+
+    def run() -> int:
+        if provider == "shared_prefix":
+            ro = engine.generate(enc, G, GenerationParams(max_new_tokens=new, seed=0))
+            return int(ro.completion_ids.numel())
+        out = model.generate(
+            **enc, do_sample=True, num_return_sequences=G, max_new_tokens=new, min_new_tokens=new, top_k=0, top_p=1.0
+        )
+        return int((out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0])
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()  # deliberate host sync: timing
+
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run()  # warm-up
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    generated = run()
+    sync()
+    wall = time.perf_counter() - t0
+    if device == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mib = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+    prompt_tokens = int(enc["attention_mask"].sum()) * G  # prompt tokens served (per sample)
+    queue.put(
+        {
+            "provider": provider,
+            "images": n_images,
+            "wall_s": wall,
+            "prompt_tok_per_s": prompt_tokens / wall,
+            "gen_tok_per_s": generated / wall,
+            "peak_mib": peak_mib,
+            "prompt_len": int(enc["input_ids"].shape[1]),
+        }
+    )
+
+
+def _measure(model_dir: str, provider: str, n_images: int, sc: dict, device: str) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(model_dir, provider, n_images, sc, device, queue))
+    proc.start()
+    result = queue.get(timeout=1800)
+    proc.join()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="bench")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--images", type=int, nargs="+", default=[1, 4])
+    args = ap.parse_args()
+    sc = SCENARIOS[args.scenario]
+
+    import torch
+
+    from rarl_fast.model import make_tiny_vlm
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = str(make_tiny_vlm(Path(tmp) / "m", max_pixels=sc["image_px"] ** 2, **sc["model"]))
+        for n_images in args.images:
+            base = _measure(model_dir, "num_return_sequences", n_images, sc, args.device)
+            ours = _measure(model_dir, "shared_prefix", n_images, sc, args.device)
+            for r in (base, ours):
+                r["speedup"] = base["wall_s"] / r["wall_s"]
+                r["mem_ratio"] = r["peak_mib"] / base["peak_mib"] if base["peak_mib"] else float("nan")
+                rows.append(r)
+
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else (platform.processor() or "cpu")
+    print(f"rollout bench: scenario={args.scenario} {json.dumps(sc)} device={device_name}")
+    cols = ("images", 6), ("provider", 22), ("wall s", 8), ("prompt tok/s", 13), ("gen tok/s", 10), ("peak MiB", 9)
+    print(" ".join(f"{name:>{width}}" for name, width in cols) + f" {'speedup':>8}")
+    for r in rows:
+        print(
+            f"{r['images']:>6} {r['provider']:>22} {r['wall_s']:>8.2f} {r['prompt_tok_per_s']:>13.0f} "
+            f"{r['gen_tok_per_s']:>10.0f} {r['peak_mib']:>9.0f} {r['speedup']:>7.2f}x"
+        )
+    commit = (
+        os.environ.get("RARL_COMMIT")
+        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    )
+    out_dir = Path(os.environ.get("RARL_BENCH_OUT", "bench/results"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "rollout.csv"
+    fields = ["date", "commit", "device", "torch", "scenario", "images", "provider", "wall_s", "prompt_tok_per_s",
+              "gen_tok_per_s", "peak_mib", "speedup"]  # fmt: skip
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow(
+                {
+                    "date": time.strftime("%Y-%m-%d"),
+                    "commit": commit,
+                    "device": device_name,
+                    "torch": torch.__version__,
+                    "scenario": args.scenario,
+                    **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in fields},
+                }
+            )
+    print(f"appended {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()
