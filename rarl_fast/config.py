@@ -59,12 +59,56 @@ def _check(ok: bool, key: str, problem: str) -> None:
         raise ConfigError(key, problem)
 
 
-# Defaults per task (METHOD.md section 1). The data issue adds the synthetic tasks' entries.
+# Defaults per task (METHOD.md section 1), keyed by ``DataConfig.defaults_key()``: the synthetic benchmark's two
+# tasks are ``synthetic:shapes`` and ``synthetic:bar`` (their definition is frozen in rarl_fast/data/synthetic.py).
+# ``value_min``/``value_max`` are the numeric ends of ``value_range`` (the midpoint scores failed 1-image answers,
+# METHOD.md section 7); ``metric`` is the task's 1-image metric.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "age": {"rule": "age", "value_range": "an integer from 0 to 116", "tolerance": 10.0},
-    "count": {"rule": "number of {category}", "value_range": "an integer from 0 to 50", "tolerance": 2.0},
-    "aesthetics": {"rule": "aesthetic score", "value_range": "a number from 1 to 10", "tolerance": 1.0},
+    "age": {
+        "rule": "age",
+        "value_range": "an integer from 0 to 116",
+        "tolerance": 10.0,
+        "value_min": 0.0,
+        "value_max": 116.0,
+        "metric": "mae",
+    },
+    "count": {
+        "rule": "number of {category}",
+        "value_range": "an integer from 0 to 50",
+        "tolerance": 2.0,
+        "value_min": 0.0,
+        "value_max": 50.0,
+        "metric": "accuracy",
+    },
+    "aesthetics": {
+        "rule": "aesthetic score",
+        "value_range": "a number from 1 to 10",
+        "tolerance": 1.0,
+        "value_min": 1.0,
+        "value_max": 10.0,
+        "metric": "srcc",
+    },
+    "synthetic:shapes": {
+        "rule": "number of shapes",
+        "value_range": "an integer from 0 to 9",
+        "tolerance": 2.0,
+        "value_min": 0.0,
+        "value_max": 9.0,
+        "metric": "accuracy",
+    },
+    "synthetic:bar": {
+        "rule": "length of the bar",
+        "value_range": "a number from 0 to 10",
+        "tolerance": 1.0,
+        "value_min": 0.0,
+        "value_max": 10.0,
+        "metric": "mae",
+    },
+    "jsonl": {"metric": "mae"},
 }
+
+_RANGE_RE = re.compile(r"from\s+(-?\d+(?:\.\d+)?)\s+to\s+(-?\d+(?:\.\d+)?)")
+"""The numeric ends of a value-range phrase such as ``an integer from 0 to 116``."""
 
 Task = Literal["synthetic", "age", "count", "aesthetics", "jsonl"]
 LossType = Literal["bnpo", "dapo", "grpo", "dr_grpo"]
@@ -126,22 +170,51 @@ class DataConfig:
     task: Task = "synthetic"
     """Which data: the embedded synthetic benchmark, UTKFace (age), COCO-REM (count), AVA (aesthetics), or a JSONL
     manifest of ``{"image": path, "value": v}`` lines."""
+    synthetic_task: Literal["shapes", "bar"] = "shapes"
+    """Which embedded synthetic task (``task: synthetic``): ``shapes`` counts shapes (an integer 0..9), ``bar``
+    measures a bar's length (0.5..10.0); both are defined in rarl_fast/data/synthetic.py."""
+    synthetic_train_size: int = 2000
+    """Training samples of the synthetic task (rendered on demand, nothing is written to disk)."""
+    synthetic_test_size: int = 500
+    """Test samples of the synthetic task (a separate random stream, never a training sample)."""
     root: str | None = None
     """Folder (or manifest file for ``jsonl``) the loader reads; nothing is ever downloaded."""
     split_file: str | None = None
-    """Optional split list (UTKFace coral-cnn CSV); AVA and COCO-REM use their own split files under ``root``."""
+    """UTKFace: CSV (coral-cnn's ``,file,age``) listing the test images by file name; the rest (or
+    ``train_split_file``) is train. None splits by ``test_fraction``. AVA and COCO-REM use their own split files."""
+    train_split_file: str | None = None
+    """UTKFace: CSV of the same format listing the training images (coral-cnn's ``utk_train.csv``); None takes
+    every image not in the test list."""
+    test_fraction: float = 0.2
+    """Share of samples held out as test where the data has no split of its own (UTKFace without ``split_file``,
+    manifest lines without a ``split`` field), chosen by a stable hash of the seed and the sample id."""
     rule: str | None = None
     """The quantity named in the prompt; None takes the task's default (METHOD.md section 1)."""
     value_range: str | None = None
     """The value-range phrase of the prompt; None takes the task's default."""
     tolerance: float | None = None
     """Regression tolerance delta (eq. 3); None takes the task's default."""
+    value_min: float | None = None
+    """Lowest valid value; None takes the task's default, else the first number of ``from A to B`` in
+    ``value_range``. Values outside [value_min, value_max] are skipped at load time and counted."""
+    value_max: float | None = None
+    """Highest valid value; None as for ``value_min``. The midpoint scores failed 1-image answers (METHOD.md 7)."""
+    metric: Literal["mae", "accuracy", "srcc"] | None = None
+    """The 1-image metric: MAE, counting accuracy (round(pred) == truth) or SRCC; None takes the task's default."""
     group_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     """Images per prompt N for which groups are built (and evaluated)."""
     num_test_groups: int = 200
     """Fixed test groups per N, built once by seed."""
+    train_groups_per_n: int | None = None
+    """Training groups built (once per dataset and seed) for each N >= 2; None builds ceil(train samples / N).
+    N = 1 always has one group per training sample."""
     max_samples: int | None = None
-    """Cap on samples read (debugging); None reads all."""
+    """Cap on samples per split (debugging): a seeded random subset; None reads all."""
+    check_images: Literal["decode", "header", "off"] = "decode"
+    """Load-time image check: ``decode`` decodes every image (JPEGs at 1/8 scale, which still reads the whole file,
+    so truncated files are caught), ``header`` only opens it, ``off`` only checks that the file exists."""
+    image_cache_mb: int = 1024
+    """Size of the decoded, resized image cache (LRU); an epoch decodes each image once if its images fit."""
     seed: int = 0
     """Seed of group building and splits: groups recur across epochs with stable keys."""
 
@@ -152,16 +225,42 @@ class DataConfig:
         _check(self.tolerance is None or self.tolerance > 0, "tolerance", f"must be > 0, got {self.tolerance}")
         _check(self.num_test_groups >= 0, "num_test_groups", "must be >= 0")
         _check(self.max_samples is None or self.max_samples >= 1, "max_samples", "must be >= 1 or null")
+        _check(self.synthetic_train_size >= 1, "synthetic_train_size", "must be >= 1")
+        _check(self.synthetic_test_size >= 1, "synthetic_test_size", "must be >= 1")
+        _check(0 < self.test_fraction < 1, "test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+        _check(self.train_groups_per_n is None or self.train_groups_per_n >= 1, "train_groups_per_n", "must be >= 1")
+        _check(self.image_cache_mb >= 0, "image_cache_mb", "must be >= 0")
         if self.task == "jsonl":
             for key in ("root", "rule", "value_range", "tolerance"):
                 _check(getattr(self, key) is not None, key, "is required when task is 'jsonl'")
         elif self.task in ("age", "count", "aesthetics"):
             _check(self.root is not None, "root", f"is required for task '{self.task}' (the dataset folder)")
+        lo, hi = self.resolved("value_min"), self.resolved("value_max")
+        _check(
+            lo is not None and hi is not None,
+            "value_min",
+            "the value range has no numeric ends: set value_min and value_max, or a value_range saying 'from A to B'",
+        )
+        _check(lo < hi, "value_max", f"must be > value_min ({lo}), got {hi}")
 
-    def resolved(self, key: Literal["rule", "value_range", "tolerance"]) -> Any:
-        """The field's value, or the task's default when it is None."""
+    def defaults_key(self) -> str:
+        """The key of this task's defaults in ``TASK_DEFAULTS`` (``synthetic:<synthetic_task>`` for synthetic)."""
+        return f"synthetic:{self.synthetic_task}" if self.task == "synthetic" else self.task
+
+    def resolved(self, key: Literal["rule", "value_range", "tolerance", "value_min", "value_max", "metric"]) -> Any:
+        """The field's value, or the task's default when it is None.
+
+        ``value_min``/``value_max`` fall back to the ends of ``from A to B`` in the resolved ``value_range``.
+        """
         value = getattr(self, key)
-        return value if value is not None else TASK_DEFAULTS.get(self.task, {}).get(key)
+        if value is not None:
+            return value
+        default = TASK_DEFAULTS.get(self.defaults_key(), {}).get(key)
+        if default is None and key in ("value_min", "value_max"):
+            match = _RANGE_RE.search(self.resolved("value_range") or "")
+            if match is not None:
+                return float(match.group(1 if key == "value_min" else 2))
+        return default
 
 
 @dataclass(kw_only=True)
@@ -415,7 +514,8 @@ class Config:
             "rollout.num_generations",
             "a group size of 1 has std 0: std-scaled advantages are undefined (use >= 2, or loss.scale_by_std=false)",
         )
-        _check(self.rmo.k_mut <= G, "rmo.k_mut", f"must be <= rollout.num_generations ({G}), got {self.rmo.k_mut}")
+        if self.stage1.rmo or self.stage2.rmo:  # replacing a whole group would leave no spread again
+            _check(self.rmo.k_mut < G, "rmo.k_mut", f"must be < rollout.num_generations ({G}), got {self.rmo.k_mut}")
         _check(
             self.data.task == "synthetic" or self.tolerance() is not None,
             "reward.tolerance",
@@ -431,7 +531,7 @@ class Config:
     def tolerance(self) -> float | None:
         """Regression tolerance: ``reward.tolerance``, else ``data.tolerance``, else the task's default.
 
-        None for the synthetic benchmark when neither is set: each synthetic task carries its own.
+        The synthetic benchmark's default is its selected task's (``TASK_DEFAULTS['synthetic:<task>']``).
         """
         if self.reward.tolerance is not None:
             return self.reward.tolerance

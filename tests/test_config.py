@@ -179,7 +179,8 @@ def test_wrong_type(tmp_path: Path, text: str, key: str, words: str):
         ("rollout:\n  temperature: 0\n", "rollout.temperature", "> 0"),
         ("rollout:\n  top_p: 1.5\n", "rollout.top_p", "(0, 1]"),
         ("rmo:\n  p_mut: 2\n", "rmo.p_mut", "[0, 1]"),
-        ("rmo:\n  k_mut: 9\n", "rmo.k_mut", "<= rollout.num_generations"),
+        ("rmo:\n  k_mut: 9\n", "rmo.k_mut", "< rollout.num_generations"),
+        ("rmo:\n  k_mut: 8\n", "rmo.k_mut", "< rollout.num_generations"),
         ("data:\n  group_sizes: [1, 16]\n", "data.group_sizes", "1..8"),
         ("stage2:\n  group_mix: {3: 1.0}\n", "stage2.group_mix", "not in data.group_sizes"),
         ("data:\n  task: age\n", "data.root", "required"),
@@ -195,7 +196,8 @@ def test_impossible_values(tmp_path: Path, text: str, key: str, words: str):
 
 
 def test_group_size_one_is_fine_without_std_scaling(tmp_path: Path):
-    cfg = load_config(_write(tmp_path, "rollout:\n  num_generations: 1\nloss:\n  scale_by_std: false\n"))
+    text = "rollout:\n  num_generations: 1\nloss:\n  scale_by_std: false\nstage2:\n  rmo: false\n"
+    cfg = load_config(_write(tmp_path, text))
     assert cfg.rollout.num_generations == 1
 
 
