@@ -208,3 +208,42 @@ def test_generation_params_validated():
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown rollout backend"):
         make_engine("vllm", model=None, tokenizer=None)
+
+
+def test_seeded_rows_do_not_depend_on_the_batch(setup):
+    """Counter-based seeding: a prompt's samples are the same alone or batched with others (DDP sharding)."""
+    _, _, enc = setup
+    engine = _engine(setup)
+    full = engine.generate(enc, G, _params(seed=21))
+    keys = {k: enc[k] for k in ("input_ids", "attention_mask")}
+    # prompt 2 alone (its own left padding, its own images)
+    counts = [1, 4, 2]
+    grid = enc["image_grid_thw"]
+    patches = grid.prod(dim=1)
+    first_img = sum(counts[:2])
+    first_patch = int(patches[:first_img].sum())
+    width = int(keys["attention_mask"][2].sum())
+    alone = {
+        "input_ids": keys["input_ids"][2:3, -width:],
+        "attention_mask": keys["attention_mask"][2:3, -width:],
+        "pixel_values": enc["pixel_values"][first_patch:],
+        "image_grid_thw": grid[first_img:],
+        "groups": [enc["groups"][2]],
+    }
+    one = engine.generate(alone, G, _params(seed=21))
+    T = one.completion_ids.shape[1]
+    assert torch.equal(one.completion_ids, full.completion_ids[2 * G :, :T])
+    assert torch.allclose(one.sampling_logp, full.sampling_logp[2 * G :, :T], atol=1e-5)
+
+
+def test_counter_based_sampling_follows_the_distribution():
+    from rarl_fast.rollout.sampling import hashed_uniforms, row_seeds, sample_next
+
+    probs = torch.tensor([0.5, 0.3, 0.0, 0.2])
+    logits = probs.clamp_min(1e-30).log().expand(20000, 4)
+    seeds = row_seeds(7, [("k",)], 20000)
+    tokens, _ = sample_next(logits, temperature=1.0, uniforms=hashed_uniforms(seeds, 0))
+    freq = torch.bincount(tokens, minlength=4).double() / 20000
+    assert freq[2] == 0 and torch.allclose(freq, probs.double(), atol=0.015)
+    u = hashed_uniforms(seeds, 3)
+    assert (u > 0).all() and (u < 1).all() and not torch.equal(u, hashed_uniforms(seeds, 4))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from rarl_fast.rollout.base import GenerationParams, Rollouts
 from rarl_fast.rollout.positions import completion_positions, mrope_positions
-from rarl_fast.rollout.sampling import sample_next
+from rarl_fast.rollout.sampling import hashed_uniforms, row_seeds, sample_next
 
 __all__ = ["HFEngine", "batch_field"]
 
@@ -46,8 +46,9 @@ class HFEngine:
     """Shared-prefix group sampling on a transformers Qwen2.5-VL model (CPU or GPU).
 
     The engine uses the policy module it is given (colocated: no weight copy, so ``update_weights`` is a no-op
-    unless it was built with its own copy). Its generator is seeded per ``generate`` call when
-    ``params.seed`` is set, else once at construction.
+    unless it was built with its own copy). With ``params.seed`` set, sampling is counter-based per row
+    (see :mod:`rarl_fast.rollout.sampling`): a row's completion depends only on the seed, its group key and
+    its sample index. Without it, one generator seeded at construction draws for the whole batch.
     """
 
     def __init__(
@@ -125,8 +126,8 @@ class HFEngine:
         grid = grid.to(device) if grid is not None else None
         B = ids.shape[0]
         G, R = n, B * n
-        if params.seed is not None:
-            self.generator.manual_seed(params.seed)
+        keys = _group_keys(batch, B)
+        seeds = row_seeds(params.seed, keys, G).to(device) if params.seed is not None else None
         t0 = time.perf_counter()
 
         # 1. Encode images and pre-fill the B prompts once.
@@ -159,6 +160,7 @@ class HFEngine:
                 top_p=params.top_p,
                 greedy=params.greedy,
                 generator=self.generator,
+                uniforms=hashed_uniforms(seeds, t) if seeds is not None else None,
             )
             live = ~finished
             cut = live & torch.isin(tok, vision)
@@ -185,7 +187,7 @@ class HFEngine:
             completion_mask=completion_mask,
             sampling_logp=torch.stack(logps, dim=1),
             group_index=torch.arange(B, device=device).repeat_interleave(G),
-            group_keys=_group_keys(batch, B),
+            group_keys=keys,
             is_mutated=torch.zeros(R, dtype=torch.bool, device=device),
             truncated=~finished,
             vision_cut=vision_cut,

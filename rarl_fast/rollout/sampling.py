@@ -1,12 +1,54 @@
 """Next-token sampling with transformers' semantics (temperature -> top-k -> top-p), seeded, plus the
-sampling log-prob of METHOD.md section 4 (from ``logits / T`` before any truncation)."""
+sampling log-prob of METHOD.md section 4 (from ``logits / T`` before any truncation).
+
+Seeded sampling is counter-based: the uniform number that picks row r's token at step t is a hash of
+(row seed, t), and a row's seed is a hash of (seed, its group's key, its sample index). A row's completion
+therefore does not depend on which other prompts share its batch or on which rank generates it, so a
+1-process and an N-process run sample the same completions.
+"""
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 from torch import Tensor
 
-__all__ = ["filter_logits", "sample_next"]
+__all__ = ["filter_logits", "hashed_uniforms", "row_seeds", "sample_next", "stable_seed"]
+
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64 constants as signed int64
+_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_M2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from any printable parts, identical across processes and Python runs (no ``hash()``)."""
+    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def row_seeds(seed: int, group_keys: list[tuple[str, ...]], n: int) -> Tensor:
+    """[len(group_keys) * n] int64 seeds, prompt-major: row ``b * n + j`` gets ``stable_seed(seed, key_b, j)``."""
+    return torch.tensor([stable_seed(seed, tuple(key), j) for key in group_keys for j in range(n)], dtype=torch.long)
+
+
+def _lsr(x: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(x: Tensor) -> Tensor:
+    """splitmix64 on int64 tensors (two's-complement wrap-around)."""
+    x = x + _GOLDEN
+    x = (x ^ _lsr(x, 30)) * _M1
+    x = (x ^ _lsr(x, 27)) * _M2
+    return x ^ _lsr(x, 31)
+
+
+def hashed_uniforms(seeds: Tensor, step: int) -> Tensor:
+    """[R] float64 uniforms in (0, 1), a pure function of (seeds[r], step)."""
+    h = _mix64(seeds ^ _mix64(torch.full_like(seeds, step)))
+    return (_lsr(h, 11).double() + 0.5) / float(1 << 53)
 
 
 def filter_logits(scaled: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -37,11 +79,14 @@ def sample_next(
     top_p: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    uniforms: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One token per row and its log-prob.
 
     Args:
         logits: [R, V] raw next-token logits (any float dtype; computed in float32).
+        uniforms: [R] float64 in (0, 1): sample by inverse CDF with these (counter-based seeding); else
+            ``torch.multinomial`` with ``generator``.
     Returns:
         tokens: [R] long; logp: [R] float32, ``log_softmax(logits / temperature)[token]``.
     """
@@ -51,5 +96,10 @@ def sample_next(
         tokens = scaled.argmax(dim=-1)
     else:
         probs = filter_logits(scaled, top_k, top_p).softmax(dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if uniforms is None:
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            cdf = probs.double().cumsum(dim=-1)
+            target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
+            tokens = torch.searchsorted(cdf, target).squeeze(1).clamp_max(probs.shape[-1] - 1)
     return tokens, logp_all.gather(1, tokens.unsqueeze(1)).squeeze(1)
