@@ -118,21 +118,33 @@ part_smoke() {
 
 part_rollout_bench() {
   if [ "$DRY" = 1 ]; then "$PY" bench/bench_rollout.py --scenario toy --device cpu
-  elif [ "$QUICK" = 1 ]; then "$PY" bench/bench_rollout.py --scenario bench --device cuda --images 4
-  else "$PY" bench/bench_rollout.py --scenario bench --device cuda
+  else "$PY" bench/bench_rollout.py --scenario bench --device cuda --images 4
+  fi
+}
+
+part_kernels_3b() {
+  if [ "$DRY" = 1 ]; then "$PY" bench/bench_kernels.py --device cpu --shape toy --quick --providers torch,ours --modes full
+  elif [ "$QUICK" = 1 ]; then "$PY" bench/bench_kernels.py --device cuda --shape qwen2.5-vl-3b --quick --modes full
+  else "$PY" bench/bench_kernels.py --device cuda --shape qwen2.5-vl-3b
+  fi
+}
+
+part_kernels_7b() {
+  if [ "$DRY" = 1 ]; then "$PY" bench/bench_kernels.py --device cpu --shape toy --quick --providers ours --modes full
+  else "$PY" bench/bench_kernels.py --device cuda --shape qwen2.5-vl-7b --quick --modes full
   fi
 }
 
 export DRY QUICK PY OUT_DIR SLUG
-export -f part_env part_install part_gpu_tests part_smoke part_rollout_bench
+export -f part_env part_install part_gpu_tests part_smoke part_rollout_bench part_kernels_3b part_kernels_7b
 
 # Time budgets (seconds) per part; each is a cap enforced by `timeout`. Full <= 5 min, --quick <= 2 min.
 if [ "$DRY" = 1 ]; then
-  B_ENV=30; B_INSTALL=30; B_TESTS=60; B_SMOKE=60; B_ROLLOUT=150
+  B_ENV=30; B_INSTALL=30; B_TESTS=60; B_SMOKE=60; B_ROLLOUT=150; B_K3=60; B_K7=60
 elif [ "$QUICK" = 1 ]; then
-  B_ENV=10; B_INSTALL=25; B_TESTS=30; B_SMOKE=20; B_ROLLOUT=35
+  B_ENV=10; B_INSTALL=20; B_TESTS=25; B_SMOKE=15; B_ROLLOUT=20; B_K3=25; B_K7=0
 else
-  B_ENV=15; B_INSTALL=40; B_TESTS=90; B_SMOKE=45; B_ROLLOUT=100
+  B_ENV=10; B_INSTALL=25; B_TESTS=50; B_SMOKE=25; B_ROLLOUT=50; B_K3=100; B_K7=40
 fi
 
 run_part env "$B_ENV" part_env
@@ -141,7 +153,9 @@ if [ "$DRY" = 0 ] && [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONP
 run_part gpu-tests "$B_TESTS" part_gpu_tests
 run_part smoke "$B_SMOKE" part_smoke
 run_part rollout-bench "$B_ROLLOUT" part_rollout_bench
-# Later issues add their parts here (kernels bench, step bench), each with its own budget.
+run_part kernels-3b "$B_K3" part_kernels_3b
+if [ "$B_K7" -gt 0 ]; then run_part kernels-7b "$B_K7" part_kernels_7b; fi
+# Later issues add their parts here (step bench), each with its own budget.
 
 TOTAL=$(( $(date +%s) - START ))
 {
@@ -153,7 +167,7 @@ TOTAL=$(( $(date +%s) - START ))
   echo "|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
   echo
-  for f in "$OUT_DIR/gpu_smoke_${SLUG}.csv" "$OUT_DIR/rollout.csv"; do
+  for f in "$OUT_DIR/gpu_smoke_${SLUG}.csv" "$OUT_DIR/rollout.csv" "$OUT_DIR/kernels.csv"; do
     if [ -f "$f" ]; then echo "$(basename "$f"):"; echo '```'; cat "$f"; echo '```'; fi
   done
 } > "$SUMMARY"

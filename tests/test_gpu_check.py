@@ -28,12 +28,14 @@ def test_gpu_check_dry_run(tmp_path: Path):
     assert len(files) <= 8
     assert "gpu_check_cpu-dry-run.log" in files and "gpu_check_cpu-dry-run.md" in files
     summary = (tmp_path / "gpu_check_cpu-dry-run.md").read_text()
-    for part in ("env", "install", "gpu-tests", "smoke", "rollout-bench"):
+    for part in ("env", "install", "gpu-tests", "smoke", "rollout-bench", "kernels-3b", "kernels-7b"):
         assert f"| {part} | ok |" in summary, summary
     smoke = (tmp_path / "gpu_smoke_cpu-dry-run.csv").read_text().splitlines()
     assert smoke[0].startswith("date,commit,device") and len(smoke) == 2
     rollout = (tmp_path / "rollout.csv").read_text().splitlines()
     assert rollout[0].startswith("date,commit,device") and len(rollout) == 5  # 2 providers x 1 and 4 images
+    kernels = (tmp_path / "kernels.csv").read_text().splitlines()
+    assert kernels[0].startswith("date,device") and len(kernels) > 3
 
 
 def test_gpu_check_rejects_unknown_flags():

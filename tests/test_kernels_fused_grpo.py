@@ -1,0 +1,236 @@
+"""fused_linear_grpo_loss and FusedLinearGRPOLoss: Triton kernels (interpreter on CPU), the chunked torch
+path, the plain-torch reference, Liger's LigerFusedLinearGRPOLoss, and the memory bound."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from rarl_kernels import FusedLinearGRPOLoss, _utils, fused_linear_grpo_loss, fused_linear_grpo_loss_ref
+from rarl_kernels.linear_logprobs import fused_linear_logprobs_ref
+from rarl_kernels.testing import LargestTensorMode, assert_rel_close, assert_three_way
+
+LOSS_TYPES = ["grpo", "bnpo", "dapo", "dr_grpo"]
+FUSED_KERNELS = ("grpo_logits_partials", "grpo_rows", "grpo_dz", "matmul")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_interpreter():
+    """Switch off the interpreter's per-op int32 overflow check (speed only)."""
+    try:
+        import triton.runtime.interpreter as ti
+
+        old = ti.interpreter_builder.options
+        ti.interpreter_builder.options = dataclasses.replace(old, sanitize_overflow=False)
+    except (ImportError, AttributeError, TypeError):
+        yield
+        return
+    yield
+    ti.interpreter_builder.options = old
+
+
+def make_batch(B, T, H, V, *, dtype=torch.float32, seed=0, device="cpu", bias=True, temperature=1.0, scale=None):
+    """hidden, weight, bias (leaves in `dtype`), labels, mask (one empty row), advantages, old/ref logps, ref_hidden."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, H, generator=g)
+    w = torch.randn(V, H, generator=g) / H**0.5 * 2
+    if scale is not None:
+        w *= scale / (h @ w.t()).abs().max()
+    b = torch.randn(V, generator=g) * 0.5 if bias else None
+    y = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.25).long()
+    if B > 1:
+        mask[1] = 0
+    adv = torch.randn(B, generator=g)
+    noise = torch.randn(2, B, T, generator=g).to(device)
+    ref_h = h + 0.05 * torch.randn(B, T, H, generator=g)
+    dev = lambda t: None if t is None else t.to(device)
+    with torch.no_grad():  # on the device: at the GPU sizes this is a big matmul
+        base = fused_linear_logprobs_ref(dev(h), dev(w), dev(y), bias=dev(b), temperature=temperature)
+    leaf = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_()
+    return dict(hidden=leaf(h), weight=leaf(w), bias=leaf(b), labels=dev(y), mask=dev(mask), adv=dev(adv),
+                old=base + 0.2 * noise[0], ref=base + 0.2 * noise[1], ref_hidden=dev(ref_h).to(dtype))  # fmt: skip
+
+
+def run_fused(fn, d, **kw):
+    loss, metrics = fn(d["hidden"], d["weight"], d["labels"], d["mask"], d["adv"], bias=d["bias"], **kw)
+    params = [t for t in (d["hidden"], d["weight"], d["bias"]) if t is not None]
+    return [loss, *torch.autograd.grad(loss, params)], metrics
+
+
+NAMES = ["loss", "grad_hidden", "grad_weight", "grad_bias"]
+INTERP_CASES = [
+    pytest.param(3, 21, 72, 1000, torch.float32, "dapo", 0.7, id="B3-T21-H72-V1000-fp32-dapo-T0.7"),
+    pytest.param(3, 21, 72, 1000, torch.bfloat16, "grpo", 0.7, id="B3-T21-H72-V1000-bf16-grpo-T0.7"),
+    pytest.param(1, 1, 72, 1000, torch.float32, "bnpo", 1.0, id="B1-T1-H72-V1000-fp32-bnpo"),
+    pytest.param(3, 21, 72, 1000, torch.float32, "dr_grpo", 1.0, id="B3-T21-H72-V1000-fp32-dr_grpo"),
+]
+
+
+def check_against_reference(impl, B, T, H, V, dtype, loss_type, temperature, *, device="cpu", scale=None,
+                            truth64=False):  # fmt: skip
+    d = make_batch(B, T, H, V, dtype=dtype, device=device, temperature=temperature, scale=scale)
+    kw = dict(logp_old=d["old"], logp_ref=d["ref"], loss_type=loss_type, temperature=temperature, beta=0.04,
+              eps_high=0.28, max_completion_length=2 * T, num_items_in_batch=B * T - 3,
+              is_ratio=torch.rand(B, T, device=device) + 0.5)  # fmt: skip
+    fused = lambda *a, **k: fused_linear_grpo_loss(*a, impl=impl, chunk_bytes=24 * V * 4, **k)
+    ours, metrics = run_fused(fused, d, **kw)
+    ref32, metrics_ref = run_fused(lambda *a, **k: fused_linear_grpo_loss_ref(*a, upcast=True, **k), d, **kw)
+    for t in ours:
+        assert torch.isfinite(t).all()
+    if truth64 or scale is not None:
+        d64 = {k: (v.detach().double().requires_grad_() if v is not None and v.is_floating_point() and v.requires_grad
+                   else v) for k, v in d.items()}  # fmt: skip
+        ref64, _ = run_fused(fused_linear_grpo_loss_ref, d64, **kw)
+        for name, a, r32, r64 in zip(NAMES, ours, ref32, ref64):
+            assert_three_way(a, r32, r64, atol=1e-5 * r64.abs().max().item(), name=name)
+    elif dtype == torch.float32:
+        for name, a, r in zip(NAMES, ours, ref32):
+            assert_rel_close(a, r, rtol=3e-5, name=name)
+        for k, v in metrics_ref.items():
+            torch.testing.assert_close(metrics[k], v, rtol=1e-5, atol=1e-6)
+    else:
+        ref_lp, _ = run_fused(fused_linear_grpo_loss_ref, d, **kw)
+        for name, a, rl, r in zip(NAMES, ours, ref_lp, ref32):
+            assert_three_way(a, rl, r, atol=2**-8 * r.float().abs().max().item() + 1e-4, name=name)
+    assert sorted(metrics) == ["clip_ratio", "entropy_mean", "kl_mean", "ratio_mean"]
+
+
+@pytest.mark.parametrize("B,T,H,V,dtype,loss_type,temperature", INTERP_CASES)
+def test_triton_interpreter_matches_reference(B, T, H, V, dtype, loss_type, temperature):
+    _utils.LAUNCHES.clear()
+    check_against_reference("triton", B, T, H, V, dtype, loss_type, temperature)
+    for name in FUSED_KERNELS:
+        assert _utils.LAUNCHES[name] >= 1, name
+
+
+@pytest.mark.parametrize("B,T,H,V,dtype,loss_type,temperature", INTERP_CASES)
+def test_chunked_matches_reference(B, T, H, V, dtype, loss_type, temperature):
+    check_against_reference("chunked", B, T, H, V, dtype, loss_type, temperature)
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_extreme_logits(impl):
+    check_against_reference(impl, 2, 10, 40, 300, torch.float32, "dapo", 1.0, scale=1e4)
+
+
+def test_full_vocab_few_rows(monkeypatch):
+    for k in ("BLOCK_V", "BLOCK_M", "BLOCK_K"):
+        monkeypatch.setitem(_utils.TILE_OVERRIDES, k, 8192)
+    _utils.LAUNCHES.clear()
+    check_against_reference("triton", 1, 3, 24, 151936, torch.float32, "grpo", 0.9, truth64=True)
+    assert _utils.LAUNCHES["grpo_logits_partials"] == 1
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_never_materializes_a_quarter_of_the_logits(impl):
+    B, T, H, V = 5, 32, 32, 512
+    d = make_batch(B, T, H, V)
+    with LargestTensorMode() as mode:
+        run_fused(lambda *a, **k: fused_linear_grpo_loss(*a, impl=impl, chunk_bytes=8 * V * 4, **k), d,
+                  logp_old=d["old"], ref_hidden=d["ref_hidden"], ref_weight=d["weight"].detach())  # fmt: skip
+    assert mode.largest < B * T * V // 4, (mode.largest, mode.largest_op)
+
+
+def test_gradient_scales_with_grad_output_and_skips_work_without_grad():
+    d = make_batch(2, 7, 16, 100)
+    loss, _ = fused_linear_grpo_loss(d["hidden"], d["weight"], d["labels"], d["mask"], d["adv"], logp_old=d["old"])
+    g1 = torch.autograd.grad(3.0 * loss, [d["hidden"], d["weight"]])
+    loss, _ = fused_linear_grpo_loss(d["hidden"], d["weight"], d["labels"], d["mask"], d["adv"], logp_old=d["old"])
+    g2 = torch.autograd.grad(loss, [d["hidden"], d["weight"]])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, 3.0 * b)
+    _utils.LAUNCHES.clear()
+    with torch.no_grad():
+        loss_ng, _ = fused_linear_grpo_loss(d["hidden"], d["weight"], d["labels"], d["mask"], d["adv"],
+                                            logp_old=d["old"], impl="triton")  # fmt: skip
+    torch.testing.assert_close(loss_ng, loss.detach(), rtol=1e-5, atol=1e-7)
+    assert _utils.LAUNCHES["matmul"] == 0 and _utils.LAUNCHES["grpo_dz"] == 0
+
+
+# ---- drop-in equivalence with Liger --------------------------------------------------------------------------
+
+
+def liger_and_ours(ctor, fwd, impl=None):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    results = []
+    for module in (LigerFusedLinearGRPOLoss(**ctor, compiled=False), FusedLinearGRPOLoss(**ctor, impl=impl)):
+        h, w, b = (t.clone().requires_grad_() for t in (fwd["_input"], fwd["lin_weight"], fwd["bias"]))
+        loss, metrics = module(**{**fwd, "_input": h, "lin_weight": w, "bias": b})
+        results.append((loss, metrics, torch.autograd.grad(loss, [h, w, b])))
+    return results
+
+
+def liger_case(loss_type, old, ref_mode, num_items, beta=0.04, seed=0):
+    B, T, H, V = 4, 13, 40, 300
+    d = make_batch(B, T, H, V, seed=seed, temperature=0.9)
+    ctor = dict(beta=beta, use_ref_model=ref_mode != "none", epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type,
+                max_completion_length=20, temperature=0.9)  # fmt: skip
+    fwd = dict(_input=d["hidden"].detach(), lin_weight=d["weight"].detach(), selected_token_ids=d["labels"],
+               attention_mask=d["mask"], advantages=d["adv"], bias=d["bias"].detach(),
+               ref_per_token_logps=d["ref"] if ref_mode == "logps" else None,
+               old_per_token_logps=d["old"] if old else None,
+               ref_input=d["ref_hidden"] if ref_mode == "input" else None,
+               ref_weight=d["weight"].detach() * 1.01 if ref_mode == "input" else None,
+               num_items_in_batch=num_items)  # fmt: skip
+    return ctor, fwd
+
+
+def assert_matches_liger(results, beta):
+    (l_liger, m_liger, g_liger), (l_ours, m_ours, g_ours) = results
+    assert_rel_close(l_ours, l_liger, rtol=1e-5, name="loss")
+    for name, a, r in zip(["grad_input", "grad_weight", "grad_bias"], g_ours, g_liger):
+        assert_rel_close(a, r, rtol=1e-5, name=name)
+    assert isinstance(m_ours, list) and len(m_ours) == len(m_liger) == (2 if beta != 0 else 1)
+    for a, r in zip(m_ours, m_liger):
+        assert isinstance(a, torch.Tensor) and a.dim() == 0
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("num_items", [None, 40], ids=["count", "num_items"])
+@pytest.mark.parametrize("ref_mode", ["none", "logps", "input"])
+@pytest.mark.parametrize("old", [False, True], ids=["on-policy", "old"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_matches_liger_chunked(loss_type, old, ref_mode, num_items):
+    ctor, fwd = liger_case(loss_type, old, ref_mode, num_items)
+    assert_matches_liger(liger_and_ours(ctor, fwd), ctor["beta"])
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_matches_liger_triton_interpreter(loss_type):
+    ctor, fwd = liger_case(loss_type, True, "input", 40 if loss_type == "dapo" else None, seed=1)
+    _utils.LAUNCHES.clear()
+    assert_matches_liger(liger_and_ours(ctor, fwd, impl="triton"), ctor["beta"])
+    assert _utils.LAUNCHES["grpo_rows"] >= 1 and _utils.LAUNCHES["linear_logprobs_fwd"] == 1  # ref logps too
+
+
+def test_matches_liger_beta_zero_and_vllm_ratio():
+    ctor, fwd = liger_case("dapo", True, "none", None, beta=0.0)
+    fwd["vllm_is_ratio"] = torch.rand(4, 13) + 0.5
+    assert_matches_liger(liger_and_ours(ctor, fwd), 0.0)
+
+
+def test_module_rejects_what_it_does_not_implement():
+    with pytest.raises(NotImplementedError, match="cispo"):
+        FusedLinearGRPOLoss(loss_type="cispo")
+    with pytest.raises(NotImplementedError, match="importance_sampling_level"):
+        FusedLinearGRPOLoss(importance_sampling_level="sequence")
+    with pytest.raises(NotImplementedError, match="delta"):
+        FusedLinearGRPOLoss(delta=2.0)
+    with pytest.raises(TypeError, match="bogus"):
+        FusedLinearGRPOLoss(bogus=1)
+    FusedLinearGRPOLoss(compiled=True, chunk_size=4, delta=None, sapo_temperature_neg=1.05)  # accepted, ignored
+    with pytest.raises(ValueError, match="ref_per_token_logps or ref_input"):
+        _, fwd = liger_case("dapo", False, "none", None)
+        FusedLinearGRPOLoss(use_ref_model=True)(**fwd)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,H,V", [(4, 1024, 2048, 151936), (3, 333, 3584, 151936)])
+def test_gpu_compiled_matches_reference(B, T, H, V):
+    assert not _utils.interpreting(), "run GPU tests with TRITON_INTERPRET=0"
+    _utils.LAUNCHES.clear()
+    check_against_reference("triton", B, T, H, V, torch.bfloat16, "dapo", 1.0, device="cuda")
+    for name in FUSED_KERNELS:
+        assert _utils.LAUNCHES[name] >= 1, name
