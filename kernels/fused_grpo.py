@@ -85,7 +85,7 @@ def _logits_partials_kernel(
 def _grpo_rows_kernel(
     pm_ptr, ps_ptr, pu_ptr, zl_ptr, y_ptr, old_ptr, ref_ptr, adv_ptr, isw_ptr, wt_ptr, st_ptr,
     N, V, NVB, s_pn, s_st, lo, hi, beta,
-    HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, HAS_ISW: tl.constexpr,
+    HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, HAS_ISW: tl.constexpr, BIAS_CORR: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -121,7 +121,7 @@ def _grpo_rows_kernel(
     if HAS_ISW:
         isw = tl.load(isw_ptr + rows, mask=rmask, other=0.0)
     adv = tl.load(adv_ptr + rows, mask=rmask, other=0.0)
-    loss, dlogp, kl, ratio, clipped = grpo_token(logp, old, ref, adv, isw, lo, hi, beta, HAS_KL, HAS_ISW)
+    loss, dlogp, kl, ratio, clipped = grpo_token(logp, old, ref, adv, isw, lo, hi, beta, HAS_KL, HAS_ISW, BIAS_CORR)
     coef = tl.where(valid, tl.load(wt_ptr + rows, mask=rmask, other=0.0) * dlogp, 0.0)
     tl.store(st_ptr + 0 * s_st + rows, logp, mask=rmask)
     tl.store(st_ptr + 1 * s_st + rows, lse, mask=rmask)
@@ -151,7 +151,7 @@ def _grpo_dz_kernel(z_ptr, y_ptr, lse_ptr, coef_ptr, N, V, s_zn, inv_t, BLOCK_N:
 def fused_grpo_chunks_triton(hidden, weight, bias, labels, tok, needs, opts, chunk_bytes):
     """hidden [N,H], weight [V,H], labels [N]; tok: dict of flat fp32 [N] per-token operands (weight, adv,
     old, ref, isw; None where absent); needs: which of (hidden, weight, bias) get a gradient; opts:
-    temperature, lo, hi, beta, entropy. Returns stats [len(STATS), N] fp32 and (grad_h, grad_w, grad_b).
+    temperature, lo, hi, beta, bias_corr, entropy. Returns stats [len(STATS), N] fp32 and (grad_h, grad_w, grad_b).
     The entropy comes free from the partials here, so it is always computed."""
     temperature, lo, hi, beta = opts["temperature"], opts["lo"], opts["hi"], opts["beta"]
     N, H = hidden.shape
@@ -186,7 +186,7 @@ def fused_grpo_chunks_triton(hidden, weight, bias, labels, tok, needs, opts, chu
             alias("adv", r0, r1), alias("isw", r0, r1), alias("weight", r0, r1), st,
             n, V, nvb, part.stride(1), st.stride(0), lo, hi, beta,
             HAS_OLD=tok["old"] is not None, HAS_KL=tok["ref"] is not None and beta != 0.0,
-            HAS_ISW=tok["isw"] is not None, BLOCK_N=bn, BLOCK_P=64, num_warps=4,
+            HAS_ISW=tok["isw"] is not None, BIAS_CORR=opts["bias_corr"], BLOCK_N=bn, BLOCK_P=64, num_warps=4,
         )  # fmt: skip
         if not any(needs):
             continue
@@ -230,7 +230,7 @@ def fused_grpo_chunks_torch(hidden, weight, bias, labels, tok, needs, opts, chun
         logp = torch.where(valid, z.gather(1, y.clamp(0, V - 1)[:, None]).squeeze(1) - lse, 0.0)
         ref = part["ref"] if beta != 0.0 else None
         loss, dlogp, kl, ratio, clipped = grpo_token_torch(
-            logp, part["old"], ref, part["adv"], part["isw"], lo, hi, beta
+            logp, part["old"], ref, part["adv"], part["isw"], lo, hi, beta, opts["bias_corr"]
         )
         coef = torch.where(valid, part["weight"] * dlogp, 0.0)
         logprobs = z.sub_(lse[:, None])
@@ -266,7 +266,7 @@ def fused_linear_grpo_loss_ref(hidden, weight, labels, mask, advantages, *, bias
                                ref_hidden=None, ref_weight=None, ref_bias=None, is_ratio=None, eps_low=0.2,
                                eps_high=0.2, beta=0.04, loss_type="dapo", max_completion_length=None,
                                num_items_in_batch=None, world_size=None, temperature=1.0, compute_entropy=True,
-                               upcast=False):  # fmt: skip
+                               bias_correction_kl=False, upcast=False):  # fmt: skip
     """Plain-torch reference of `fused_linear_grpo_loss`: materialized [B, T, V] logits, autograd throughout."""
     if logp_ref is None and ref_hidden is not None and beta != 0.0:
         with torch.no_grad():
@@ -277,7 +277,8 @@ def fused_linear_grpo_loss_ref(hidden, weight, labels, mask, advantages, *, bias
     if is_ratio is not None:
         is_ratio = is_ratio.reshape(is_ratio.shape[0], -1)
     loss_mat, kl, ratio, clipped = grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, eps_low=eps_low,
-                                                       eps_high=eps_high, beta=beta, is_ratio=is_ratio)  # fmt: skip
+                                                       eps_high=eps_high, beta=beta, is_ratio=is_ratio,
+                                                       bias_correction_kl=bias_correction_kl)  # fmt: skip
     w = token_weights(mask, loss_type, max_completion_length=max_completion_length,
                       num_items_in_batch=num_items_in_batch, world_size=world_size)  # fmt: skip
     entropy = entropy.detach() if compute_entropy else None
@@ -307,6 +308,7 @@ def fused_linear_grpo_loss(
     world_size: int | None = None,
     temperature: float = 1.0,
     compute_entropy: bool = True,
+    bias_correction_kl: bool = False,
     impl: str | None = None,
     chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -314,7 +316,8 @@ def fused_linear_grpo_loss(
 
     hidden [B, T, H]; weight [V, H]; labels, mask [B, T]; advantages [B]; bias [V] | None; logp_old,
     logp_ref [B, T] | None (logp_ref None with ref_hidden [B, T, H] + ref_weight [V, H] (+ ref_bias):
-    computed here without gradient); is_ratio [B, T] | [B, 1] | [B] | None multiplies the clipped term.
+    computed here without gradient); is_ratio [B, T] | [B, 1] | [B] | None multiplies the clipped term;
+    bias_correction_kl multiplies the KL term by the ratio (Liger's use_bias_correction_kl; see `grpo_loss`).
     Loss semantics and metrics: `grpo_loss`, plus "entropy_mean" (of the policy at temperature T) when
     compute_entropy. Differentiable w.r.t. hidden, weight and bias; the gradients are computed during the
     forward (see the module docstring).
@@ -323,7 +326,8 @@ def fused_linear_grpo_loss(
         raise NotImplementedError(f"loss_type={loss_type!r} is not supported (supported: {LOSS_TYPES})")
     impl = resolve_impl(impl, hidden.device)
     kw = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, loss_type=loss_type, world_size=world_size,
-              max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)  # fmt: skip
+              max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+              bias_correction_kl=bias_correction_kl)  # fmt: skip
     if logp_ref is None and ref_hidden is not None and beta != 0.0:
         with torch.no_grad():
             logp_ref = fused_linear_logprobs(ref_hidden, ref_weight, labels, temperature=temperature, bias=ref_bias,
@@ -344,7 +348,8 @@ def fused_linear_grpo_loss(
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)  # fmt: skip
     y = labels.reshape(-1).long().contiguous()
-    opts = dict(temperature=float(temperature), lo=1 - eps_low, hi=1 + eps_high, beta=beta, entropy=compute_entropy)
+    opts = dict(temperature=float(temperature), lo=1 - eps_low, hi=1 + eps_high, beta=beta, entropy=compute_entropy,
+                bias_corr=bool(bias_correction_kl))  # fmt: skip
     loss, stats = _FusedLinearGRPO.apply(h2, w, bias, y, tok, needs, opts, impl, chunk_bytes)
     st = {k: stats[i].view(B, T) for i, k in enumerate(STATS)}
     entropy = st["entropy"] if compute_entropy else None

@@ -4,10 +4,14 @@ Per token (METHOD.md section 4, Liger's semantics):
     ratio = exp(logp - logp_old)            (logp_old None: logp.detach(), so ratio = 1 with gradient)
     pg    = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) * is_ratio
     k3    = exp(logp_ref - logp) - (logp_ref - logp) - 1      (only when beta != 0; 0 without a reference)
-    l     = pg + beta * k3
+    kl    = k3, or ratio * k3 with bias_correction_kl (Liger's use_bias_correction_kl, DeepSeek-V3.2)
+    l     = pg + beta * kl
+With bias_correction_kl the ratio is Liger's exp(logp - logp_old) (not clipped, not detached: it carries
+gradient even on-policy, where its value is 1), and the KL metric is the mean of the corrected kl, as Liger's.
 The loss is `aggregate(l, mask, loss_type)`: a weighted sum with per-token weights from `token_weights`.
 The per-token loss and its derivative d l / d logp (d pg/d ratio = -A where the unclipped branch is the min,
-else 0; d k3 / d logp = 1 - exp(logp_ref - logp)) are one Triton kernel each way; aggregation is torch.
+else 0; d k3 / d logp = 1 - exp(logp_ref - logp); d (ratio * k3) / d logp = ratio * (k3 + 1 - exp(logp_ref -
+logp)) = ratio * (logp - logp_ref)) are one Triton kernel each way; aggregation is torch.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 
 
 @triton.jit
-def grpo_token(logp, old, ref, adv, isw, lo, hi, beta, HAS_KL: tl.constexpr, HAS_ISW: tl.constexpr):
-    """Per-token GRPO math on fp32 tensors -> (loss, d loss / d logp, k3, ratio, clipped as 0/1)."""
+def grpo_token(
+    logp, old, ref, adv, isw, lo, hi, beta, HAS_KL: tl.constexpr, HAS_ISW: tl.constexpr, BIAS_CORR: tl.constexpr
+):
+    """Per-token GRPO math on fp32 tensors -> (loss, d loss / d logp, kl, ratio, clipped as 0/1); kl is k3, or
+    ratio * k3 with BIAS_CORR (its gradient ratio * (k3 + 1 - exp(ref - logp)), written ratio * (logp - ref))."""
     ratio = tl.exp(logp - old)
     l1 = ratio * adv
     l2 = tl.minimum(tl.maximum(ratio, lo), hi) * adv
@@ -40,8 +47,12 @@ def grpo_token(logp, old, ref, adv, isw, lo, hi, beta, HAS_KL: tl.constexpr, HAS
         d = ref - logp
         ed = tl.exp(d)
         kl = ed - d - 1.0
+        if BIAS_CORR:
+            kl = kl * ratio
+            dlogp += beta * (-d * ratio)
+        else:
+            dlogp += beta * (1.0 - ed)
         loss += beta * kl
-        dlogp += beta * (1.0 - ed)
     clipped = ((ratio < lo) & (adv < 0)) | ((ratio > hi) & (adv > 0))
     return loss, dlogp, kl, ratio, clipped.to(tl.float32)
 
@@ -49,7 +60,7 @@ def grpo_token(logp, old, ref, adv, isw, lo, hi, beta, HAS_KL: tl.constexpr, HAS
 @triton.jit
 def _grpo_loss_fwd_kernel(
     logp_ptr, old_ptr, ref_ptr, adv_ptr, isw_ptr, loss_ptr, kl_ptr, ratio_ptr, clip_ptr,
-    N, lo, hi, beta, HAS_KL: tl.constexpr, HAS_ISW: tl.constexpr, BLOCK: tl.constexpr,
+    N, lo, hi, beta, HAS_KL: tl.constexpr, HAS_ISW: tl.constexpr, BIAS_CORR: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
@@ -58,7 +69,7 @@ def _grpo_loss_fwd_kernel(
     ref = tl.load(ref_ptr + offs, mask=m, other=0.0)
     adv = tl.load(adv_ptr + offs, mask=m, other=0.0)
     isw = tl.load(isw_ptr + offs, mask=m, other=0.0)
-    loss, _, kl, ratio, clipped = grpo_token(logp, old, ref, adv, isw, lo, hi, beta, HAS_KL, HAS_ISW)
+    loss, _, kl, ratio, clipped = grpo_token(logp, old, ref, adv, isw, lo, hi, beta, HAS_KL, HAS_ISW, BIAS_CORR)
     tl.store(loss_ptr + offs, loss, mask=m)
     tl.store(kl_ptr + offs, kl, mask=m)
     tl.store(ratio_ptr + offs, ratio, mask=m)
@@ -68,7 +79,7 @@ def _grpo_loss_fwd_kernel(
 @triton.jit
 def _grpo_loss_bwd_kernel(
     g_ptr, logp_ptr, old_ptr, ref_ptr, adv_ptr, isw_ptr, dlogp_ptr,
-    N, lo, hi, beta, HAS_KL: tl.constexpr, HAS_ISW: tl.constexpr, BLOCK: tl.constexpr,
+    N, lo, hi, beta, HAS_KL: tl.constexpr, HAS_ISW: tl.constexpr, BIAS_CORR: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
@@ -77,7 +88,7 @@ def _grpo_loss_bwd_kernel(
     ref = tl.load(ref_ptr + offs, mask=m, other=0.0)
     adv = tl.load(adv_ptr + offs, mask=m, other=0.0)
     isw = tl.load(isw_ptr + offs, mask=m, other=0.0)
-    _, dlogp, _, _, _ = grpo_token(logp, old, ref, adv, isw, lo, hi, beta, HAS_KL, HAS_ISW)
+    _, dlogp, _, _, _ = grpo_token(logp, old, ref, adv, isw, lo, hi, beta, HAS_KL, HAS_ISW, BIAS_CORR)
     tl.store(dlogp_ptr + offs, tl.load(g_ptr + offs, mask=m, other=0.0) * dlogp, mask=m)
 
 
@@ -87,7 +98,7 @@ def _kernel_args(logp, old, ref, adv, isw):
     return [flat if t is None else t for t in (old, ref, adv, isw)]
 
 
-def grpo_token_fwd_triton(logp, old, ref, adv, isw, lo, hi, beta):
+def grpo_token_fwd_triton(logp, old, ref, adv, isw, lo, hi, beta, bias_corr=False):
     """All [N] fp32 contiguous (None allowed except logp/adv) -> loss, kl, ratio, clipped: [N] fp32 each."""
     N = logp.numel()
     outs = [torch.empty_like(logp) for _ in range(4)]
@@ -95,35 +106,35 @@ def grpo_token_fwd_triton(logp, old, ref, adv, isw, lo, hi, beta):
     launch(
         "grpo_loss_fwd", _grpo_loss_fwd_kernel, (triton.cdiv(N, block),),
         logp, *_kernel_args(logp, old, ref, adv, isw), *outs, N, lo, hi, beta,
-        HAS_KL=ref is not None and beta != 0.0, HAS_ISW=isw is not None, BLOCK=block,
+        HAS_KL=ref is not None and beta != 0.0, HAS_ISW=isw is not None, BIAS_CORR=bias_corr, BLOCK=block,
     )  # fmt: skip
     return outs
 
 
 class _GRPOTokenLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old, ref, adv, isw, lo, hi, beta):
-        loss, kl, ratio, clipped = grpo_token_fwd_triton(logp, old, ref, adv, isw, lo, hi, beta)
+    def forward(ctx, logp, old, ref, adv, isw, lo, hi, beta, bias_corr):
+        loss, kl, ratio, clipped = grpo_token_fwd_triton(logp, old, ref, adv, isw, lo, hi, beta, bias_corr)
         ctx.save_for_backward(logp, old, ref, adv, isw)
-        ctx.params = (lo, hi, beta)
+        ctx.params = (lo, hi, beta, bias_corr)
         ctx.mark_non_differentiable(kl, ratio, clipped)
         return loss, kl, ratio, clipped
 
     @staticmethod
     def backward(ctx, g_loss, *_):
         logp, old, ref, adv, isw = ctx.saved_tensors
-        lo, hi, beta = ctx.params
+        lo, hi, beta, bias_corr = ctx.params
         dlogp = torch.empty_like(logp)
         N, block = logp.numel(), 1024
         launch(
             "grpo_loss_bwd", _grpo_loss_bwd_kernel, (triton.cdiv(N, block),),
             g_loss.contiguous(), logp, *_kernel_args(logp, old, ref, adv, isw), dlogp, N, lo, hi, beta,
-            HAS_KL=ref is not None and beta != 0.0, HAS_ISW=isw is not None, BLOCK=block,
+            HAS_KL=ref is not None and beta != 0.0, HAS_ISW=isw is not None, BIAS_CORR=bias_corr, BLOCK=block,
         )  # fmt: skip
-        return dlogp, None, None, None, None, None, None, None
+        return dlogp, *([None] * 8)
 
 
-def grpo_token_torch(logp, old, ref, adv, isw, lo, hi, beta):
+def grpo_token_torch(logp, old, ref, adv, isw, lo, hi, beta, bias_corr=False):
     """torch twin of the `grpo_token` Triton helper (no autograd): loss, dlogp, kl, ratio, clipped."""
     ratio = torch.exp(logp - (logp if old is None else old))
     l1 = ratio * adv
@@ -137,12 +148,17 @@ def grpo_token_torch(logp, old, ref, adv, isw, lo, hi, beta):
         d = ref - logp
         ed = d.exp()
         kl = ed - d - 1.0
-        loss, dlogp = loss + beta * kl, dlogp + beta * (1.0 - ed)
+        if bias_corr:
+            kl, dlogp = kl * ratio, dlogp + beta * (-d * ratio)
+        else:
+            dlogp = dlogp + beta * (1.0 - ed)
+        loss = loss + beta * kl
     clipped = (((ratio < lo) & (adv < 0)) | ((ratio > hi) & (adv > 0))).float()
     return loss, dlogp, kl, ratio, clipped
 
 
-def grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, *, eps_low, eps_high, beta, is_ratio=None):
+def grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, *, eps_low, eps_high, beta, is_ratio=None,
+                        bias_correction_kl=False):  # fmt: skip
     """Plain-torch per-token loss with autograd, written like Liger's: [B,T] each -> (loss, kl, ratio, clipped)."""
     old = logp.detach() if logp_old is None else logp_old.float()
     ratio = torch.exp(logp - old)
@@ -155,6 +171,8 @@ def grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, *, eps_low, eps_hi
     if beta != 0.0:
         ref = logp.detach() if logp_ref is None else logp_ref.float()
         kl = torch.exp(ref - logp) - (ref - logp) - 1.0
+        if bias_correction_kl:
+            kl = kl * ratio  # the ratio with its gradient, as Liger's `kl_div * torch.exp(log_importance_weights)`
         loss = loss + beta * kl
     clipped = ((ratio < lo) & (adv < 0)) | ((ratio > hi) & (adv > 0))
     return loss, kl.detach(), ratio.detach(), clipped.float()
@@ -218,12 +236,13 @@ def per_token_inputs(logp_old, logp_ref, advantages, is_ratio, shape, beta):
 
 def grpo_loss_ref(logp, logp_old, logp_ref, advantages, mask, *, eps_low=0.2, eps_high=0.2, beta=0.04,
                   loss_type="dapo", max_completion_length=None, num_items_in_batch=None, is_ratio=None,
-                  world_size=None):  # fmt: skip
+                  world_size=None, bias_correction_kl=False):  # fmt: skip
     """Plain-torch reference of `grpo_loss` (autograd through torch.min/clamp, as Liger computes it)."""
     if is_ratio is not None and is_ratio.dim() == 1:
         is_ratio = is_ratio[:, None]
     loss_mat, kl, ratio, clipped = grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, eps_low=eps_low,
-                                                       eps_high=eps_high, beta=beta, is_ratio=is_ratio)  # fmt: skip
+                                                       eps_high=eps_high, beta=beta, is_ratio=is_ratio,
+                                                       bias_correction_kl=bias_correction_kl)  # fmt: skip
     loss = aggregate(loss_mat, mask, loss_type, max_completion_length=max_completion_length,
                      num_items_in_batch=num_items_in_batch, world_size=world_size)  # fmt: skip
     return loss, grpo_metrics(mask, kl, ratio, clipped, beta)
@@ -244,12 +263,14 @@ def grpo_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     is_ratio: torch.Tensor | None = None,
     world_size: int | None = None,
+    bias_correction_kl: bool = False,
     impl: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss from per-token log-probs; differentiable w.r.t. logp only.
 
     logp, logp_old, logp_ref, mask: [B, T]; advantages: [B]; is_ratio (rollout importance weights):
     [B, T], [B, 1] or [B] | None. loss_type: grpo | bnpo | dapo | dr_grpo (see `token_weights`).
+    bias_correction_kl: the KL term (and kl_mean) times the ratio exp(logp - logp_old), with its gradient.
     Returns (fp32 scalar loss, {"kl_mean" (beta != 0), "clip_ratio", "ratio_mean"}: fp32 scalar tensors).
     """
     if loss_type not in LOSS_TYPES:
@@ -259,11 +280,13 @@ def grpo_loss(
             logp, logp_old, logp_ref, advantages, mask, eps_low=eps_low, eps_high=eps_high, beta=beta,
             loss_type=loss_type, max_completion_length=max_completion_length,
             num_items_in_batch=num_items_in_batch, is_ratio=is_ratio, world_size=world_size,
+            bias_correction_kl=bias_correction_kl,
         )  # fmt: skip
     shape = logp.shape
     old, ref, adv, isw = per_token_inputs(logp_old, logp_ref, advantages, is_ratio, shape, beta)
     flat = logp.float().reshape(-1).contiguous()
-    loss_tok, kl, ratio, clipped = _GRPOTokenLoss.apply(flat, old, ref, adv, isw, 1 - eps_low, 1 + eps_high, beta)
+    loss_tok, kl, ratio, clipped = _GRPOTokenLoss.apply(flat, old, ref, adv, isw, 1 - eps_low, 1 + eps_high, beta,
+                                                        bool(bias_correction_kl))  # fmt: skip
     loss = aggregate(loss_tok.view(shape), mask, loss_type, max_completion_length=max_completion_length,
                      num_items_in_batch=num_items_in_batch, world_size=world_size)  # fmt: skip
     return loss, grpo_metrics(mask, kl.view(shape), ratio.view(shape), clipped.view(shape), beta)

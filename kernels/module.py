@@ -19,7 +19,6 @@ _LIGER_ONLY_DEFAULTS = {
     "sapo_temperature_pos": 1.0,
     "sapo_temperature_neg": 1.05,
     "delta": None,
-    "use_bias_correction_kl": False,
     "vespo_k_pos": 2.0,
     "vespo_lambda_pos": 3.0,
     "vespo_k_neg": 3.0,
@@ -32,8 +31,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
 
     Supported: loss_type grpo | bnpo | dapo | dr_grpo, importance_sampling_level "token", reference
     log-probs given or computed from ref_input/ref_weight/ref_bias, old log-probs given or None (on-policy),
-    vllm_is_ratio, num_items_in_batch, temperature, bias. Extra keywords: impl ("triton" | "chunked" |
-    "torch" | None) and chunk_bytes (work-buffer budget).
+    vllm_is_ratio, num_items_in_batch, temperature, bias, use_bias_correction_kl (the KL term and the KL metric
+    times the importance ratio exp(logp - logp_old), with its gradient, as Liger's). Extra keywords: impl
+    ("triton" | "chunked" | "torch" | None) and chunk_bytes (work-buffer budget).
     """
 
     def __init__(
@@ -49,6 +49,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         importance_sampling_level: str = "token",
         temperature: float = 1.0,
         *,
+        use_bias_correction_kl: bool = False,
         impl: str | None = None,
         chunk_bytes: int | None = None,
         **liger_only,
@@ -70,6 +71,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         self.epsilon_low, self.epsilon_high, self.loss_type = epsilon_low, epsilon_high, loss_type
         self.max_completion_length, self.importance_sampling_level = max_completion_length, importance_sampling_level
         self.temperature, self.impl, self.chunk_bytes = temperature, impl, chunk_bytes
+        self.use_bias_correction_kl = bool(use_bias_correction_kl)
 
     def forward(
         self,
@@ -108,8 +110,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             ref_hidden=ref_input, ref_weight=ref_weight, ref_bias=ref_bias, is_ratio=vllm_is_ratio,
             eps_low=self.epsilon_low, eps_high=self.epsilon_high, beta=self.beta, loss_type=self.loss_type,
             max_completion_length=self.max_completion_length, num_items_in_batch=num_items_in_batch,
-            world_size=ws, temperature=self.temperature, compute_entropy=False, impl=self.impl,
-            chunk_bytes=self.chunk_bytes,
+            world_size=ws, temperature=self.temperature, compute_entropy=False,
+            bias_correction_kl=self.use_bias_correction_kl, impl=self.impl, chunk_bytes=self.chunk_bytes,
         )  # fmt: skip
         out = [metrics["kl_mean"]] if self.beta != 0.0 else []
         return loss, [*out, metrics["clip_ratio"]]

@@ -211,6 +211,44 @@ def test_matches_liger_beta_zero_and_vllm_ratio():
     assert_matches_liger(liger_and_ours(ctor, fwd), 0.0)
 
 
+@pytest.mark.parametrize("old", [False, True], ids=["on-policy", "old"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_matches_liger_bias_correction_kl(loss_type, old):
+    """use_bias_correction_kl=True (TRL's default): KL term and KL metric times the ratio, whose gradient
+    also counts on-policy (value 1). beta=0.3 makes the KL gradient a visible part of the total."""
+    ctor, fwd = liger_case(loss_type, old, "logps", 40 if loss_type == "dapo" else None, beta=0.3, seed=2)
+    ctor["use_bias_correction_kl"] = True
+    results = liger_and_ours(ctor, fwd)
+    assert_matches_liger(results, ctor["beta"])
+    # Not vacuous: without the correction the input gradient differs well beyond the tolerance.
+    (_, _, g_plain), _ = liger_and_ours({**ctor, "use_bias_correction_kl": False}, fwd, impl="torch")
+    g_corr = results[1][2][0]
+    assert (g_plain[0] - g_corr).abs().max() > 1e-3 * g_corr.abs().max()
+
+
+def test_bias_correction_kl_triton_interpreter():
+    """The Triton path with the flag on (BIAS_CORR constexpr) against the torch reference and Liger."""
+    B, T, H, V = 2, 9, 40, 300
+    d = make_batch(B, T, H, V, temperature=0.9)
+    kw = dict(logp_old=d["old"], logp_ref=d["ref"], beta=0.3, eps_high=0.28, temperature=0.9,
+              is_ratio=torch.rand(B, T) + 0.5, bias_correction_kl=True)  # fmt: skip
+    _utils.LAUNCHES.clear()
+    ours, metrics = run_fused(lambda *a, **k: fused_linear_grpo_loss(*a, impl="triton", chunk_bytes=8 * V * 4, **k),
+                              d, **kw)  # fmt: skip
+    assert all(_utils.LAUNCHES[name] >= 1 for name in FUSED_KERNELS), dict(_utils.LAUNCHES)
+    ref, metrics_ref = run_fused(lambda *a, **k: fused_linear_grpo_loss_ref(*a, upcast=True, **k), d, **kw)
+    for name, a, r in zip(NAMES, ours, ref):
+        assert_rel_close(a, r, rtol=3e-5, name=name)
+    for k, v in metrics_ref.items():
+        torch.testing.assert_close(metrics[k], v, rtol=1e-5, atol=1e-6)
+    plain, _ = run_fused(fused_linear_grpo_loss_ref, d, **{**kw, "bias_correction_kl": False})
+    assert (plain[1] - ref[1]).abs().max() > 1e-3 * ref[1].abs().max()  # the flag reaches the kernel's gradient
+    ctor, fwd = liger_case("grpo", False, "input", None, beta=0.3, seed=3)
+    _utils.LAUNCHES.clear()
+    assert_matches_liger(liger_and_ours({**ctor, "use_bias_correction_kl": True}, fwd, impl="triton"), 0.3)
+    assert _utils.LAUNCHES["grpo_rows"] >= 1
+
+
 def test_module_rejects_what_it_does_not_implement():
     with pytest.raises(NotImplementedError, match="cispo"):
         FusedLinearGRPOLoss(loss_type="cispo")

@@ -61,6 +61,39 @@ def test_triton_matches_reference(loss_type, old, ref):
         torch.testing.assert_close(v, metrics_ref[k], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("old", [True, False], ids=["old", "on-policy"])
+def test_bias_correction_kl_triton_matches_reference(old):
+    logp, lo, lr, adv, mask, isw = make(old=old, is_ratio=True, seed=2)
+    kw = dict(eps_high=0.28, beta=0.5, loss_type="grpo", is_ratio=isw, bias_correction_kl=True)
+    _utils.LAUNCHES.clear()
+    loss, metrics = grpo_loss(logp, lo, lr, adv, mask, impl="triton", **kw)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert _utils.LAUNCHES["grpo_loss_fwd"] == 1 and _utils.LAUNCHES["grpo_loss_bwd"] == 1
+    loss_ref, metrics_ref = grpo_loss_ref(logp, lo, lr, adv, mask, **kw)
+    (grad_ref,) = torch.autograd.grad(loss_ref, logp)
+    assert_rel_close(loss, loss_ref, rtol=1e-6, name="loss")
+    assert_rel_close(grad, grad_ref, rtol=1e-6, name="grad")
+    for k, v in metrics.items():
+        torch.testing.assert_close(v, metrics_ref[k], rtol=1e-6, atol=1e-7)
+
+
+def test_bias_correction_kl_by_hand():
+    # kl = r * k3 with r = exp(logp - old) carrying gradient: d/dlogp = r * (k3 + 1 - exp(ref - logp))
+    # = r * (logp - ref). One token, A = 0 (no policy term): logp = log 0.5, old = log 0.25 (r = 2), ref = log 1.
+    logp = torch.log(torch.tensor([[0.5]])).requires_grad_()
+    old, ref = torch.log(torch.tensor([[0.25]])), torch.zeros(1, 1)
+    k3 = 2.0 - torch.log(torch.tensor(2.0)) - 1.0
+    for impl in ("triton", "chunked"):
+        for on_policy in (False, True):
+            r = 1.0 if on_policy else 2.0
+            loss, m = grpo_loss(logp, None if on_policy else old, ref, torch.zeros(1), torch.ones(1, 1), beta=1.0,
+                                bias_correction_kl=True, impl=impl)  # fmt: skip
+            (g,) = torch.autograd.grad(loss, logp)
+            torch.testing.assert_close(loss, r * k3)
+            torch.testing.assert_close(m["kl_mean"], r * k3)  # Liger reports the corrected KL
+            torch.testing.assert_close(g, r * logp.detach())  # nonzero on-policy too: the ratio is not detached
+
+
 def test_triton_bf16_logp_and_beta_zero():
     logp, lo, lr, adv, mask, _ = make(seed=1)
     logp16 = logp.detach().bfloat16().requires_grad_()
