@@ -43,18 +43,108 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Train the demo on CPU (see README)."""
+    """The README demo: tiny VLM, SFT warm start, then RARL (stage 1 + 2) against as many more SFT steps, with
+    evaluations, the results table and the curves (see rarl_fast/demo.py)."""
     from rarl_fast.demo import run_demo
 
+    run_demo(_load(args))
+    return 0
+
+
+def _table(cells, name: str, cfg, out_dir) -> None:
+    from rarl_fast.evaluate import write_table
+
+    task = f"synthetic:{cfg.data.synthetic_task}" if cfg.data.task == "synthetic" else cfg.data.task
+    print(write_table({name: {task: cells}}, out_dir, cfg.data.group_sizes))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Two-stage RARL training (stage 1, then stage 2) of cfg.model; saves checkpoints and the final model, then
+    evaluates it on the fixed test groups. Runs under `accelerate launch` for several processes."""
+    from rarl_fast.pipeline import run_eval, run_rarl, with_model
+
     cfg = _load(args)
-    run_demo(cfg)
+    model = run_rarl(cfg, resume=args.resume)
+    if not args.no_eval:
+        run_dir = model.parent
+        _table(run_eval(with_model(cfg, model), "rarl", run_dir=run_dir), "RARL", cfg, run_dir / "eval")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    """Supervised fine-tuning on ground-truth answers (the SFT baseline); saves the model, then evaluates it."""
+    from rarl_fast.pipeline import run_eval, run_sft, with_model
+
+    cfg = _load(args)
+    model = run_sft(cfg, steps=args.steps)
+    if not args.no_eval:
+        run_dir = model.parent
+        _table(run_eval(with_model(cfg, model), "sft", run_dir=run_dir), "SFT", cfg, run_dir / "eval")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Greedy evaluation on the fixed test groups for each N: the paper-shaped table and every response."""
+    from pathlib import Path
+
+    from rarl_fast.pipeline import run_eval, with_model
+
+    cfg = with_model(_load(args), args.model)
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    name = args.name or Path(cfg.model.name_or_path).name
+    _table(run_eval(cfg, name, run_dir=run_dir), name, cfg, run_dir / "eval")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Render a run's metrics.jsonl curves to PNG."""
+    from rarl_fast.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Load the configured data and describe it: samples per split, skipped and repaired items by reason, value
+    histograms, and a contact-sheet PNG of a few test groups with their prompts and true answers."""
+    from pathlib import Path
+
+    from rarl_fast.data import DataNotFoundError, build_test_groups, load_task
+    from rarl_fast.data.preview import contact_sheet, value_histogram
+
+    cfg = _load(args)
+    try:
+        task = load_task(cfg.data, tolerance=cfg.tolerance())
+    except DataNotFoundError as err:
+        print(f"rarl-fast: error: {err}", file=sys.stderr)
+        return 2
+    print(f"task: {task.task}   rule: {task.rule!r}   value range: {task.value_range!r}")
+    print(f"tolerance: {task.tolerance:g}   1-image metric: {task.metric}")
+    for text in task.report.lines():
+        print(text)
+    for split in ("train", "test"):
+        print(f"value histogram ({split}):")
+        for text in value_histogram([s.value for s in task.split(split)], task.value_min, task.value_max):
+            print("  " + text)
+    groups = build_test_groups(task, cfg.data.group_sizes, seed=cfg.data.seed, num_groups=args.per_n)
+    for n, gs in groups.items():
+        print(f"test groups of {n} image(s): {len(gs)} shown of data.num_test_groups={cfg.data.num_test_groups}")
+    out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.run_name / "data_contact_sheet.png"
+    shown = [g for gs in groups.values() for g in gs]
+    contact_sheet(shown, out, title=task.report.source)
+    print(f"wrote {out}")
     return 0
 
 
 COMMANDS: dict[str, tuple[Handler, str]] = {
     "config": (cmd_config, "validate a config and print it resolved"),
     "make-tiny": (cmd_make_tiny, "build the tiny random-weight Qwen2.5-VL used by the demo and the tests"),
-    "demo": (cmd_demo, "train the CPU demo (tiny VLM, supervised warm start on rendered prompts)"),
+    "data": (cmd_data, "describe the configured data and write a contact sheet of example groups"),
+    "train": (cmd_train, "two-stage RARL training (stage 1 regression, stage 2 full reward + RMO), then eval"),
+    "sft": (cmd_sft, "supervised fine-tuning on ground-truth answers (baseline / warm start), then eval"),
+    "eval": (cmd_eval, "greedy evaluation on the fixed test groups: results table + every response"),
+    "plot": (cmd_plot, "render a run's training curves to PNG"),
+    "demo": (cmd_demo, "the CPU demo: SFT warm start, then RARL vs continued SFT, table and curves"),
 }
 
 
@@ -68,10 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (handler, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=handler.__doc__)
         p.set_defaults(handler=handler)
-        if name in ("config", "demo"):
+        if name in ("config", "demo", "data", "train", "sft", "eval"):
             _add_config_args(p)
+        if name in ("train", "sft"):
+            p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+        if name == "sft":
+            p.add_argument("--steps", type=int, default=None, help="override sft.steps")
+        if name == "eval":
+            p.add_argument("--model", default=None, help="model folder or Hub id (default: cfg.model.name_or_path)")
+            p.add_argument("--name", default=None, help="row name in the table")
+        if name == "plot":
+            p.add_argument("run_dir", help="run folder holding metrics.jsonl")
+            p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
         if name == "config":
             p.add_argument("--out", default=None, help="write the resolved YAML here instead of stdout")
+        if name == "data":
+            p.add_argument("--out", default=None, help="contact-sheet PNG (default <output_dir>/<run_name>/...)")
+            p.add_argument("--per-n", type=int, default=1, help="groups shown per N on the contact sheet")
         if name == "make-tiny":
             p.add_argument("out", help="output folder")
             p.add_argument("--seed", type=int, default=0, help="weight seed")

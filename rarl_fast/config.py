@@ -33,6 +33,7 @@ __all__ = [
     "RMOConfig",
     "RewardConfig",
     "RolloutConfig",
+    "SFTConfig",
     "StageConfig",
     "config_from_dict",
     "config_to_dict",
@@ -279,6 +280,8 @@ class RolloutConfig:
     """Top-k sampling; 0 disables."""
     max_new_tokens: int = 512
     """Completion length limit (also ``max_completion_length`` of the dr_grpo aggregation)."""
+    eval_batch_size: int = 32
+    """Prompts per greedy ``generate`` call in evaluation (per process)."""
     sglang_mem_fraction: float = 0.5
     """SGLang's static memory fraction when colocated with training."""
 
@@ -289,6 +292,7 @@ class RolloutConfig:
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
         _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         _check(0 < self.sglang_mem_fraction < 1, "sglang_mem_fraction", "must be in (0, 1)")
 
 
@@ -380,6 +384,8 @@ class OptimConfig:
     """mu: policy-update epochs per rollout batch (with 1, logp_old = logp.detach())."""
     max_nonfinite_steps: int = 3
     """K: this many non-finite losses or gradients in a row stop the run."""
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    """Autocast of forward passes: auto is bf16 on CUDA, none on CPU. Weights and AdamW state stay fp32."""
 
     def __post_init__(self) -> None:
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
@@ -390,6 +396,22 @@ class OptimConfig:
         _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
         _check(self.update_epochs >= 1, "update_epochs", "must be >= 1")
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class SFTConfig:
+    steps: int = 200
+    """Optimizer steps of supervised fine-tuning on ground-truth answers (``rarl-fast sft``, the demo's warm start)."""
+    lr: float = 1e-5
+    """Peak learning rate (warmup + cosine like the RL stages)."""
+    group_mix: dict[int, float] = field(default_factory=lambda: {1: 0.25, 2: 0.25, 4: 0.25, 8: 0.25})
+    """Sampling weight of each N in SFT batches (``rollout.prompts_per_step`` groups per step)."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(bool(self.group_mix) and all(w >= 0 for w in self.group_mix.values()), "group_mix", "needs weights >= 0")
+        _check(sum(self.group_mix.values()) > 0, "group_mix", "weights must not all be 0")
 
 
 @dataclass(kw_only=True)
@@ -471,6 +493,9 @@ class Config:
     """Parent folder of run folders (checkpoints, logs, eval tables)."""
     seed: int = 0
     """Global seed (torch, sampling, RMO)."""
+    cpu_threads: int = 0
+    """torch threads per process when running on the CPU; 0 keeps torch's default. Small models run several
+    times faster on 1 thread than on 2 busy cores (OpenMP synchronisation dominates their tiny matmuls)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Policy / reference / processor loading."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -489,12 +514,19 @@ class Config:
     """Stage 1: 1-image samples, regression reward only, no RMO (METHOD.md section 6)."""
     stage2: StageConfig = field(default_factory=_stage2)
     """Stage 2: mixed N, full reward, RMO."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised fine-tuning on ground-truth answers (baseline and warm start)."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and trackers."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing and resume."""
 
     def __post_init__(self) -> None:
+        _check(self.cpu_threads >= 0, "cpu_threads", f"must be >= 0, got {self.cpu_threads}")
+        for n in self.sft.group_mix:
+            _check(
+                n in self.data.group_sizes, "sft.group_mix", f"N={n} is not in data.group_sizes {self.data.group_sizes}"
+            )
         for name in ("stage1", "stage2"):
             stage: StageConfig = getattr(self, name)
             alpha, beta = self.stage_reward_weights(stage)

@@ -338,14 +338,19 @@ def make_tiny_vlm(
     vocab_size: int | None = None,
     min_pixels: int = 56 * 56,
     max_pixels: int = 112 * 112,
+    text_overrides: dict[str, Any] | None = None,
+    vision_overrides: dict[str, Any] | None = None,
+    weights: bool = True,
 ) -> Path:
     """Build and save a tiny random-weight Qwen2.5-VL with an offline tokenizer, chat template and processor.
 
     The folder is a standard ``save_pretrained`` checkpoint (config, safetensors, tokenizer, processor
     configs), loadable by :func:`load_model` / :func:`load_processor` like a real one. About 0.7 M
     parameters; images of 56..112 px give 4..16 visual tokens each. Deterministic for a given seed.
-    The size arguments build larger random-init models of the same family for benchmarks (``vocab_size``
-    defaults to the tokenizer's size rounded up to a multiple of 64).
+    The size arguments (and ``text_overrides`` / ``vision_overrides``, merged into the sub-configs) build
+    larger random-init models of the same family for benchmarks; ``vocab_size`` defaults to the tokenizer's
+    size rounded up to a multiple of 64. ``weights=False`` saves config and processor only (a benchmark then
+    instantiates the model on its device with ``from_config``).
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -357,45 +362,53 @@ def make_tiny_vlm(
     vocab_size = vocab_size or -(-len(tok) // 64) * 64  # padded to a multiple of 64, as real checkpoints are
     if vocab_size < len(tok):
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer ({len(tok)} tokens)")
-    head_dim = hidden_size // 4
-    third = head_dim // 2 // 4  # mrope_section must sum to head_dim / 2: (t, h, w) = (1/4, 3/8, 3/8)
-    mrope = [third, (head_dim // 2 - third) // 2, head_dim // 2 - third - (head_dim // 2 - third) // 2]
     special = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "bos_token_id": None}
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        **special,
+    )
+    text.update(text_overrides or {})
+    half = text["hidden_size"] // text["num_attention_heads"] // 2  # mrope_section sums to head_dim / 2
+    t_part = half // 4  # (t, h, w) = (1/4, 3/8, 3/8) of it, as Qwen2.5-VL's (16, 24, 24)
+    mrope = [t_part, (half - t_part) // 2, half - t_part - (half - t_part) // 2]
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope}
+    vision = dict(
+        depth=vision_depth,
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
+        num_heads=max(2, vision_hidden_size // 64),
+        out_hidden_size=text["hidden_size"],
+        window_size=56,
+        fullatt_block_indexes=[vision_depth - 1],
+    )
+    vision.update(vision_overrides or {})
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=8192,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
-            tie_word_embeddings=False,
-            **special,
-        ),
-        vision_config=dict(
-            depth=vision_depth,
-            hidden_size=vision_hidden_size,
-            intermediate_size=2 * vision_hidden_size,
-            num_heads=max(2, vision_hidden_size // 64),
-            out_hidden_size=hidden_size,
-            window_size=56,
-            fullatt_block_indexes=[vision_depth - 1],
-        ),
+        text_config=text,
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=text["tie_word_embeddings"],
         **special,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.bos_token_id = None
-    model.save_pretrained(out)
+    if weights:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Qwen2_5_VLForConditionalGeneration(config)
+        model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+        model.generation_config.pad_token_id = ids["<|endoftext|>"]
+        model.generation_config.bos_token_id = None
+        model.save_pretrained(out)
+    else:
+        config.save_pretrained(out)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
     processor = _image_only_processor_class()(
         image_processor=image_processor, tokenizer=tok, chat_template=TINY_CHAT_TEMPLATE

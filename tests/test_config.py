@@ -107,6 +107,7 @@ def test_overrides_typed_and_nested(tmp_path: Path):
             "model.lora.enabled=true",
             "stage2.group_mix={1: 0.5, 8: 0.5}",
             "data.group_sizes=[1, 8]",
+            "sft.group_mix={1: 1.0}",
             "reward.tolerance=1e-1",  # YAML reads 1e-1 as a string; float fields accept it
             "run_name=my run",
         ],
@@ -221,3 +222,40 @@ def test_task_defaults_resolve():
     cfg = load_config(None, ["data.task=count", "data.root=/c", "reward.tolerance=3"])
     assert cfg.tolerance() == 3.0
     assert load_config(None, ["data.task=aesthetics", "data.root=/a"]).tolerance() == 1.0
+
+
+def test_synthetic_tasks_carry_their_own_defaults():
+    cfg = Config()
+    assert cfg.data.task == "synthetic" and cfg.data.synthetic_task == "shapes"
+    assert cfg.tolerance() == 2.0 and cfg.data.resolved("rule") == "number of shapes"
+    assert (cfg.data.resolved("value_min"), cfg.data.resolved("value_max"), cfg.data.resolved("metric")) == (
+        0.0,
+        9.0,
+        "accuracy",
+    )
+    bar = load_config(None, ["data.synthetic_task=bar"])
+    assert bar.tolerance() == 1.0 and bar.data.resolved("value_range") == "a number from 0 to 10"
+    assert load_config(None, ["data.synthetic_task=bar", "data.tolerance=0.5"]).tolerance() == 0.5
+    assert load_config(None, ["data.task=age", "data.root=/d"]).data.resolved("value_max") == 116.0
+
+
+def test_value_bounds_resolve_or_raise(tmp_path: Path):
+    jsonl = ["data.task=jsonl", "data.root=m.jsonl", "data.rule=size", "data.tolerance=1"]
+    cfg = load_config(None, [*jsonl, "data.value_range=a number from -2.5 to 7"])
+    assert (cfg.data.resolved("value_min"), cfg.data.resolved("value_max")) == (-2.5, 7.0)
+    assert cfg.data.resolved("metric") == "mae"
+    cfg = load_config(None, [*jsonl, "data.value_range=a size", "data.value_min=1", "data.value_max=3"])
+    assert (cfg.data.resolved("value_min"), cfg.data.resolved("value_max")) == (1.0, 3.0)
+    err = _error(tmp_path, "", (*jsonl, "data.value_range=a size"))
+    assert err.key == "data.value_min" and "from A to B" in str(err)
+    err = _error(tmp_path, "", ("data.value_min=9",))
+    assert err.key == "data.value_max" and "must be > value_min" in str(err)
+    for override, key in (
+        ("data.test_fraction=1.0", "data.test_fraction"),
+        ("data.synthetic_train_size=0", "data.synthetic_train_size"),
+        ("data.train_groups_per_n=0", "data.train_groups_per_n"),
+        ("data.image_cache_mb=-1", "data.image_cache_mb"),
+        ("data.check_images=maybe", "data.check_images"),
+        ("data.synthetic_task=dots", "data.synthetic_task"),
+    ):
+        assert _error(tmp_path, "", (override,)).key == key

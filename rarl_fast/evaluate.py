@@ -1,0 +1,81 @@
+"""``rarl-fast eval``: greedy answers on the fixed test groups for each N, the paper-shaped table, every response.
+
+Ranks split the test groups round robin and the answers are gathered back in order, so the table is the same
+for any number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rarl_fast.rl.splice import completion_texts
+
+__all__ = ["evaluate", "generate_answers", "write_table"]
+
+
+def generate_answers(rt: Any, groups: list[Any], *, batch_size: int) -> list[str]:
+    """Greedy completion text for each group (all ranks call this; every rank gets the full list)."""
+    from accelerate.utils import gather_object
+
+    from rarl_fast.data import collate
+
+    mine = rt.my_share(groups)
+    texts: list[str] = []
+    params = rt.generation_params(seed=None, greedy=True)
+    for i in range(0, len(mine), batch_size):
+        batch = collate(rt.processor, mine[i : i + batch_size], rt.cache).to(rt.device)
+        with torch.no_grad(), rt.acc.autocast():
+            ro = rt.engine.generate(batch, 1, params)
+        texts.extend(completion_texts(ro, rt.tokenizer))
+    world = rt.acc.num_processes
+    if world == 1:
+        return texts
+    gathered = gather_object([(rt.acc.process_index, texts)])
+    by_rank = dict(gathered)
+    out: list[str] = [""] * len(groups)
+    for r, part in by_rank.items():
+        out[r::world] = part
+    return out
+
+
+def evaluate(rt: Any, name: str, *, out_dir: str | Path | None = None) -> dict[int, Any]:
+    """Metric cell per N on the fixed test groups; writes ``<out_dir>/<name>.jsonl`` with every response."""
+    from rarl_fast.metrics import evaluate_answers
+
+    task = rt.task
+    out_dir = Path(out_dir or rt.run_dir / "eval")
+    cells: dict[int, Any] = {}
+    records = []
+    for n, groups in sorted(rt.test_groups.items()):
+        if not groups:
+            continue
+        answers = generate_answers(rt, groups, batch_size=rt.cfg.rollout.eval_batch_size)
+        cells[n] = evaluate_answers(
+            answers, [g.values for g in groups], metric=task.metric, value_min=task.value_min, value_max=task.value_max
+        )
+        records += [
+            {"model": name, "n": n, "key": list(g.key), "truth": g.values, "response": a}
+            for g, a in zip(groups, answers)
+        ]
+    if rt.acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with (out_dir / f"{name}.jsonl").open("w") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+    return cells
+
+
+def write_table(results: dict[str, dict[str, dict[int, Any]]], out_dir: str | Path, group_sizes: list[int]) -> str:
+    """``results.md`` and ``results.csv`` in ``out_dir``; returns the Markdown."""
+    from rarl_fast.metrics import results_csv, results_markdown
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = results_markdown(results, group_sizes)
+    (out_dir / "results.md").write_text(md)
+    (out_dir / "results.csv").write_text(results_csv(results, group_sizes))
+    return md

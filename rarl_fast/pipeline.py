@@ -1,0 +1,69 @@
+"""The commands as functions: SFT, RARL training, evaluation (``rarl-fast sft|train|eval``) and their outputs.
+
+Each takes the config and the model to start from, runs under the current accelerate launch (1..N
+processes) and writes into its own run folder: ``model/`` (``save_pretrained``), ``metrics.jsonl``,
+``eval/<name>.jsonl`` (every response) and ``eval/results.{md,csv}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from rarl_fast.config import Config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_eval", "run_rarl", "run_sft", "save_final", "with_model"]
+
+
+def with_model(cfg: Config, model_path: str | Path | None, *, run_name: str | None = None) -> Config:
+    """A copy of ``cfg`` starting from ``model_path`` (None keeps ``cfg.model.name_or_path``)."""
+    out = copy.deepcopy(cfg)
+    if model_path is not None:
+        out.model.name_or_path = str(model_path)
+        out.model.local_files_only = True
+    if run_name is not None:
+        out.run_name = run_name
+    return out
+
+
+def save_final(rt: Any, out: Path) -> Path:
+    """The trained policy and processor as a ``save_pretrained`` folder (main process)."""
+    if rt.acc.is_main_process:
+        (rt.peft_model or rt.hf_model).save_pretrained(out, safe_serialization=True)
+        rt.processor.save_pretrained(out)
+    rt.acc.wait_for_everyone()
+    return out
+
+
+def run_sft(cfg: Config, *, steps: int | None = None, run_dir: Path | None = None) -> Path:
+    """``steps`` (default ``cfg.sft.steps``) SFT steps from ``cfg.model``; returns the saved model folder."""
+    from rarl_fast.runtime import build_runtime
+    from rarl_fast.sft import train_sft
+
+    rt = build_runtime(cfg, train=True, run_dir=run_dir)
+    t0 = time.perf_counter()
+    train_sft(rt, steps=cfg.sft.steps if steps is None else steps, lr=cfg.sft.lr, mix=cfg.sft.group_mix)
+    log.info("SFT: %d steps in %.1f s", steps or cfg.sft.steps, time.perf_counter() - t0)
+    return save_final(rt, rt.run_dir / "model")
+
+
+def run_rarl(cfg: Config, *, resume: bool = False, run_dir: Path | None = None) -> Path:
+    """Stage 1 + stage 2 from ``cfg.model``; returns the saved model folder."""
+    from rarl_fast.train import train
+
+    rt = train(cfg, resume=resume, run_dir=run_dir)
+    return save_final(rt, rt.run_dir / "model")
+
+
+def run_eval(cfg: Config, name: str, *, run_dir: Path | None = None) -> dict[int, Any]:
+    """Greedy evaluation of ``cfg.model`` on the fixed test groups; ``{N: MetricResult}``."""
+    from rarl_fast.evaluate import evaluate
+    from rarl_fast.runtime import build_runtime
+
+    rt = build_runtime(cfg, train=False, run_dir=run_dir)
+    return evaluate(rt, name)

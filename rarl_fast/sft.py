@@ -1,0 +1,109 @@
+"""``rarl-fast sft``: supervised fine-tuning on ground-truth answers (the paper's SFT baseline, the demo's warm
+start). The target of a group is RMO's ``gt`` reference (``<think>Reference answer.</think> <answer>[...]</answer>``
++ EOS); the loss is the token-mean negative log-likelihood through the fused linear log-prob kernel, normalized
+by the step's global token count like the GRPO loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from rarl_fast.rl.rmo import gt_answer
+from rarl_fast.rollout.base import Rollouts
+from rarl_fast.rollout.sampling import stable_seed
+from rarl_fast.runtime import Runtime, lr_at
+from rarl_fast.tracking import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+__all__ = ["sft_rollouts", "sft_step", "train_sft"]
+
+
+def sft_rollouts(rt: Runtime, groups: list[Any]) -> Rollouts:
+    """One row per group: its prompt and its ground-truth answer as the completion."""
+    from rarl_fast.data import collate
+
+    batch = collate(rt.processor, groups, rt.cache).to(rt.device)
+    tok = rt.tokenizer
+    answers = [tok(gt_answer(g.values) + (tok.eos_token or ""), add_special_tokens=False)["input_ids"] for g in groups]
+    B, T = len(groups), max(len(a) for a in answers)
+    ids = torch.full((B, T), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, a in enumerate(answers):
+        ids[b, : len(a)] = torch.tensor(a)
+        mask[b, : len(a)] = True
+    dev = rt.device
+    zeros = torch.zeros(B, dtype=torch.bool, device=dev)
+    return Rollouts(
+        prompt_ids=batch.input_ids,
+        prompt_mask=batch.attention_mask,
+        completion_ids=ids.to(dev),
+        completion_mask=mask.to(dev),
+        sampling_logp=None,
+        group_index=torch.arange(B, device=dev),
+        group_keys=[g.key for g in groups],
+        is_mutated=zeros,
+        truncated=zeros,
+        vision_cut=zeros,
+        pixel_values=batch.pixel_values,
+        image_grid_thw=batch.image_grid_thw,
+        images_per_prompt=batch.image_counts.to(dev),
+        num_generations=1,
+    )
+
+
+def sft_step(rt: Runtime, groups: list[Any], lr: float) -> dict[str, float]:
+    """One optimizer step on this rank's groups; returns loss and grad norm (tensors)."""
+    c, acc = rt.cfg, rt.acc
+    ro = sft_rollouts(rt, groups)
+    total_tokens = acc.reduce(ro.completion_mask.sum().float(), reduction="sum")
+    for g in rt.optimizer.param_groups:
+        g["lr"] = lr
+    micro = [
+        list(range(i, min(i + c.optim.micro_batch_size, ro.num_rows)))
+        for i in range(0, ro.num_rows, c.optim.micro_batch_size)
+    ]
+    loss_sum = torch.zeros((), device=rt.device)
+    for i, rows in enumerate(micro):
+        sync = i == len(micro) - 1
+        with nullcontext() if sync else acc.no_sync(rt.policy), acc.autocast():
+            nll, _ = rt.policy(ro.select(rows), mode="nll")
+            loss = nll / total_tokens.clamp(min=1) * acc.num_processes  # DDP averages over ranks
+            acc.backward(loss)
+        loss_sum = loss_sum + loss.detach()
+    grad_norm = acc.clip_grad_norm_(
+        [p for p in rt.policy.parameters() if p.requires_grad], c.optim.max_grad_norm or 1e9
+    )
+    rt.optimizer.step()
+    rt.optimizer.zero_grad(set_to_none=True)
+    return {"sft/loss": acc.reduce(loss_sum, reduction="mean"), "sft/grad_norm": torch.as_tensor(grad_norm)}
+
+
+def train_sft(rt: Runtime, *, steps: int, lr: float, mix: dict[int, float], seed_tag: str = "sft") -> None:
+    """``steps`` SFT steps of ``rollout.prompts_per_step`` groups drawn with the N ``mix``; logs to metrics.jsonl."""
+    from rarl_fast.data import GroupSampler
+
+    o = rt.cfg.optim
+    if rt.optimizer is None:
+        params = [p for p in rt.policy.parameters() if p.requires_grad]
+        rt.optimizer = rt.acc.prepare_optimizer(
+            torch.optim.AdamW(params, lr=lr, betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay)
+        )
+    sampler = GroupSampler(
+        {n: rt.train_groups[n] for n in mix},
+        mix,
+        batch_size=rt.cfg.rollout.prompts_per_step,
+        seed=stable_seed(rt.cfg.seed, seed_tag) % (1 << 62),
+    )
+    logger = MetricsLogger(rt.run_dir, rt.acc, total_steps=steps, progress_bar=rt.cfg.logging.progress_bar)
+    try:
+        for step in range(steps):
+            groups = rt.my_share(sampler.next_batch())
+            metrics = sft_step(rt, groups, lr_at(step, peak=lr, total=steps, warmup_ratio=o.warmup_ratio))
+            logger.log(step + 1, {**metrics, "stage": 0})
+    finally:
+        logger.close()

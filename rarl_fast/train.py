@@ -1,0 +1,409 @@
+"""The two-stage RARL trainer (METHOD.md sections 4-6).
+
+One step reads top to bottom: ``rollout`` -> ``score`` -> ``mutate`` (RMO, stage 2) -> ``advantages`` ->
+``update_policy`` -> ``log``. Stage 1 (1-image prompts, regression reward, no RMO) then stage 2 (mixed N, full
+reward, RMO) are two calls of :func:`run_stage` with two stage configs; stage 2 continues from stage 1's
+weights and both use the same frozen reference (the initial model).
+
+Data parallelism: every rank draws the same global batch of groups and keeps its round-robin share; rewards,
+RMO and advantages are computed per group on the rank that owns it; the loss is normalized by the step's
+global token (or row) count, and metrics are reduced across ranks before logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rarl_fast.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rarl_fast.config import Config, StageConfig
+from rarl_fast.rewards import RewardBreakdown, score
+from rarl_fast.rl.advantages import group_advantages, group_std
+from rarl_fast.rl.loss import StepCounts
+from rarl_fast.rl.rmo import BestCache, mutate_responses
+from rarl_fast.rl.splice import completion_texts, splice_references
+from rarl_fast.rollout.base import Rollouts
+from rarl_fast.rollout.sampling import stable_seed
+from rarl_fast.runtime import Runtime, build_runtime, lr_at
+from rarl_fast.tracking import MetricsLogger, truncate_metrics
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NonFiniteError", "StageState", "run_stage", "train"]
+
+STAGES = ("stage1", "stage2")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite losses or gradients in a row."""
+
+
+@dataclass
+class StageState:
+    """Where a stage is: its config, sampler and counters (everything a checkpoint must restore)."""
+
+    name: str
+    stage: StageConfig
+    sampler: Any  # GroupSampler
+    alpha: float
+    beta: float
+    step: int = 0  # optimizer steps done in this stage
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    best: BestCache = field(default_factory=BestCache)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One step, phase by phase
+# ----------------------------------------------------------------------------------------------------------
+
+
+def rollout(rt: Runtime, groups: list[Any], seed: int) -> Rollouts:
+    """G completions for each of this rank's groups, sampled by the engine (counter-based seeds)."""
+    from rarl_fast.data import collate
+
+    batch = collate(rt.processor, groups, rt.cache).to(rt.device)
+    with torch.no_grad(), rt.acc.autocast():
+        return rt.engine.generate(batch, rt.cfg.rollout.num_generations, rt.generation_params(seed))
+
+
+def score_rollouts(rt: Runtime, ro: Rollouts, groups: list[Any], alpha: float, beta: float) -> RewardBreakdown:
+    """The ranking-aware reward of every row (METHOD.md section 3) with the stage's weights."""
+    G = ro.num_generations
+    truths = [g.values for g in groups for _ in range(G)]
+    tolerance = [float(g.tolerance) for g in groups for _ in range(G)]
+    r = rt.cfg.reward
+    return score(
+        completion_texts(ro, rt.tokenizer),
+        truths,
+        tolerance=tolerance,
+        alpha=alpha,
+        beta=beta,
+        lam=r.lam,
+        weights=r.weights,
+    )
+
+
+def mutate(
+    rt: Runtime, st: StageState, ro: Rollouts, rewards: Tensor, groups: list[Any], seed: int
+) -> tuple[Rollouts, Tensor, Tensor, dict[str, Tensor]]:
+    """RMO group by group (each with its own seeded generator, so a group's outcome does not depend on its
+    batch or rank); references are spliced into the rollouts. Returns rollouts, rewards [B, G], advantages
+    [B, G] and RMO metrics."""
+    c = rt.cfg
+    G = ro.num_generations
+    texts = completion_texts(ro, rt.tokenizer)
+    eos = rt.tokenizer.eos_token or ""
+    out_rewards, out_adv, mutated, refs, ref_rewards = [], [], [], [], []
+    for b, g in enumerate(groups):
+        gen = torch.Generator().manual_seed(stable_seed(seed, "rmo", g.key))
+        res = mutate_responses(
+            rewards[b : b + 1].cpu(),
+            [g.values],
+            generator=gen,
+            tolerance=float(g.tolerance),
+            alpha=st.alpha,
+            beta=st.beta,
+            lam=c.reward.lam,
+            weights=c.reward.weights,
+            p_mut=c.rmo.p_mut,
+            k_mut=c.rmo.k_mut,
+            sigma_min=c.rmo.sigma_min,
+            mode=c.rmo.mode,
+            source=c.rmo.source,
+            eos=eos,
+            texts=texts[b * G : (b + 1) * G],
+            group_keys=[g.key],
+            cache=st.best,
+            scale_by_std=c.loss.scale_by_std,
+            unbiased=c.loss.std_unbiased,
+        )
+        out_rewards.append(res.rewards)
+        out_adv.append(res.advantages)
+        mutated.append(res.mutated)
+        refs.append(res.ref_texts[0])
+        ref_rewards.append(res.ref_rewards)
+    new_rewards = torch.cat(out_rewards).to(rewards.device)
+    mutated_t = torch.cat(mutated)
+    ro = splice_references(ro, mutated_t, refs, rt.tokenizer)
+    after = (group_std(new_rewards, unbiased=c.loss.std_unbiased) < c.rmo.sigma_min).double()
+    ref_r = torch.cat(ref_rewards)
+    chosen = torch.isfinite(ref_r)
+    metrics = {
+        "rmo/stagnant_after": (after.sum(), len(groups)),
+        "rmo/mutated": (mutated_t.sum().double(), 1),
+        "rmo/mutated_groups": (chosen.sum().double(), 1),
+        "rmo/ref_reward": (torch.where(chosen, ref_r, 0.0).sum(), chosen.sum()),
+    }
+    return ro, new_rewards, torch.cat(out_adv).to(rewards.device), metrics
+
+
+def advantages(rt: Runtime, rewards: Tensor) -> Tensor:
+    """Group-normalized advantages [B, G] (std-scaled GRPO or Dr.GRPO)."""
+    return group_advantages(rewards, scale_by_std=rt.cfg.loss.scale_by_std, unbiased=rt.cfg.loss.std_unbiased)
+
+
+def _micro_batches(rows: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(i + size, rows))) for i in range(0, rows, size)]
+
+
+def update_policy(rt: Runtime, st: StageState, ro: Rollouts, adv: Tensor) -> dict[str, Any]:
+    """``optim.update_epochs`` optimizer steps on this rollout batch: micro-batches with gradient accumulation,
+    loss normalized by the global token/row count, grad-norm clipping, non-finite steps skipped and counted."""
+    c, acc = rt.cfg, rt.acc
+    adv = adv.reshape(-1).to(rt.device)
+    sizes = torch.tensor([float(ro.completion_mask.sum()), float(ro.num_rows)], device=rt.device)
+    sizes = acc.reduce(sizes, reduction="sum")
+    counts = StepCounts(tokens=int(sizes[0]), rows=int(sizes[1]), world_size=acc.num_processes)  # host sync: sizes
+    micro = _micro_batches(ro.num_rows, c.optim.micro_batch_size)
+    parts = [ro.select(rows) for rows in micro]
+    refs = [rt.reference_logprobs(p) for p in parts]
+    olds: list[Tensor | None] = [None] * len(parts)
+    if c.optim.update_epochs > 1:  # logp_old from the policy itself, before any update (mutated rows too)
+        with torch.no_grad(), acc.autocast():
+            olds = [rt.policy(p, mode="logprobs", temperature=c.rollout.temperature) for p in parts]
+    settings = rt.loss_settings()
+    params = [p for p in rt.policy.parameters() if p.requires_grad]
+    sums: dict[str, Tensor] = {}
+    mu = c.optim.update_epochs
+    for epoch in range(mu):
+        lr = lr_at(st.step * mu + epoch, peak=st.stage.lr, total=st.stage.steps * mu, warmup_ratio=c.optim.warmup_ratio)
+        for g in rt.optimizer.param_groups:
+            g["lr"] = lr
+        loss_total = torch.zeros((), device=rt.device)
+        for i, (p, rows) in enumerate(zip(parts, micro)):
+            sync = i == len(parts) - 1
+            with nullcontext() if sync else acc.no_sync(rt.policy), acc.autocast():
+                loss, m = rt.policy(
+                    p,
+                    mode="loss",
+                    advantages=adv[rows],
+                    logp_old=olds[i],
+                    logp_ref=refs[i],
+                    settings=settings,
+                    counts=counts,
+                )
+                loss = inject_fault(loss, st)
+                acc.backward(loss)
+            loss_total = loss_total + loss.detach().float()
+            tokens = p.completion_mask.sum()
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0) + v.detach().float() * tokens
+        grad_norm = _grad_norm(acc, params, c.optim.max_grad_norm)
+        finite = torch.isfinite(loss_total) & torch.isfinite(grad_norm)
+        finite = acc.reduce(finite.float(), reduction="sum") == acc.num_processes
+        if bool(finite):  # host sync: skip decision must agree on all ranks
+            rt.optimizer.step()
+            st.nonfinite_in_row = 0
+        else:
+            st.nonfinite_in_row += 1
+            st.nonfinite_total += 1
+            log.warning("%s step %d: non-finite loss or gradient, step skipped", st.name, st.step)
+            if st.nonfinite_in_row >= c.optim.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{st.nonfinite_in_row} non-finite losses/gradients in a row in {st.name} at step {st.step} "
+                    f"(optim.max_nonfinite_steps={c.optim.max_nonfinite_steps}): lower the lr or check the data"
+                )
+        rt.optimizer.zero_grad(set_to_none=True)
+    tokens = ro.completion_mask.sum().clamp(min=1)
+    out = {f"loss/{k}": (v, tokens) for k, v in sums.items()}
+    out["loss"] = (loss_total, 1)
+    out["grad_norm"] = (grad_norm, 1)
+    out["skipped_steps"] = (torch.tensor(float(st.nonfinite_total)), 1)
+    return out
+
+
+def inject_fault(loss: Tensor, st: StageState) -> Tensor:
+    """Identity; tests replace it to inject a non-finite loss at a chosen step."""
+    return loss
+
+
+def _grad_norm(acc: Any, params: list[torch.nn.Parameter], max_norm: float) -> Tensor:
+    if max_norm > 0:
+        return torch.as_tensor(acc.clip_grad_norm_(params, max_norm)).float()
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics: (sum, count) pairs reduced across ranks with one collective
+# ----------------------------------------------------------------------------------------------------------
+
+
+def reward_metrics(rb: RewardBreakdown, ro: Rollouts, groups: list[Any]) -> dict[str, tuple[Tensor, Any]]:
+    """Reward components overall and per N (ranking components over N >= 2 rows only), parse failures,
+    truncation, response length."""
+    n_img = torch.tensor([g.n for g in groups for _ in range(ro.num_generations)], dtype=torch.float64)
+    multi = (n_img >= 2).double()
+    out: dict[str, tuple[Tensor, Any]] = {}
+    for name in ("total", "format", "regression"):
+        out[f"reward/{name}"] = (getattr(rb, name).double().sum(), len(n_img))
+    for name in ("length", "consistency", "accuracy", "ranking"):
+        out[f"reward/{name}"] = ((getattr(rb, name).double() * multi).sum(), multi.sum())
+    for n in sorted({g.n for g in groups}):
+        sel = (n_img == n).double()
+        out[f"reward_n{n}/total"] = ((rb.total.double() * sel).sum(), sel.sum())
+    out["parse_failure_rate"] = ((1 - rb.format.double()).sum(), len(n_img))
+    sampled = (~ro.is_mutated.cpu()).double()
+    out["truncation_rate"] = ((ro.truncated.cpu().double() * sampled).sum(), sampled.sum())
+    out["response_length"] = ((ro.completion_lengths().cpu().double() * sampled).sum(), sampled.sum())
+    return out
+
+
+def reduce_metrics(acc: Any, pairs: dict[str, tuple[Any, Any]]) -> dict[str, Tensor]:
+    """Global means of (sum, count) pairs across ranks (one all-reduce)."""
+    names = sorted(pairs)
+    if not names:
+        return {}
+    stacked = torch.tensor(
+        [[float(torch.as_tensor(pairs[k][0]).detach().double()), float(pairs[k][1])] for k in names], device=acc.device
+    )  # host sync: metric values (logging step)
+    stacked = acc.reduce(stacked, reduction="sum")
+    return {k: stacked[i, 0] / stacked[i, 1].clamp(min=1e-12) for i, k in enumerate(names)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train_step(rt: Runtime, st: StageState) -> dict[str, Any]:
+    """One step: rollout -> score -> mutate -> advantages -> update; returns the local metric pairs."""
+    step_seed = stable_seed(rt.cfg.seed, st.name, st.step)
+    groups = rt.my_share(st.sampler.next_batch())
+    t0 = time.perf_counter()
+    ro = rollout(rt, groups, step_seed)
+    t1 = time.perf_counter()
+    rb = score_rollouts(rt, ro, groups, st.alpha, st.beta)
+    rewards = rb.total.view(len(groups), ro.num_generations)
+    pairs = reward_metrics(rb, ro, groups)
+    pairs["rmo/stagnant_before"] = (
+        (group_std(rewards, unbiased=rt.cfg.loss.std_unbiased) < rt.cfg.rmo.sigma_min).double().sum(),
+        len(groups),
+    )
+    if st.stage.rmo:
+        ro, rewards, adv, rmo_pairs = mutate(rt, st, ro, rewards, groups, step_seed)
+        pairs.update(rmo_pairs)
+    else:
+        adv = advantages(rt, rewards)
+    t2 = time.perf_counter()
+    pairs.update(update_policy(rt, st, ro, adv))
+    t3 = time.perf_counter()
+    if rt.cfg.rollout.backend != "hf":  # the HF engine shares the policy's weights; others get a push
+        rt.engine.update_weights(rt.hf_model.named_parameters())
+    tokens = float(ro.completion_mask.sum() + ro.prompt_mask.sum())
+    pairs.update(
+        {
+            "time/rollout_s": (t1 - t0, 1),
+            "time/reward_s": (t2 - t1, 1),
+            "time/update_s": (t3 - t2, 1),
+            "tokens_per_s": (tokens / max(t3 - t0, 1e-9), 1),
+        }
+    )
+    return pairs
+
+
+def _trainer_state(rt: Runtime, st: StageState, global_step: int) -> dict[str, Any]:
+    return {
+        "global_step": global_step,
+        "stage": st.name,
+        "stage_step": st.step,
+        "sampler": st.sampler.state_dict(),
+        "best": st.best.state_dict(),
+        "nonfinite_total": st.nonfinite_total,
+        "nonfinite_in_row": st.nonfinite_in_row,
+    }
+
+
+def make_stage(rt: Runtime, name: str) -> StageState:
+    from rarl_fast.data import GroupSampler
+
+    stage: StageConfig = getattr(rt.cfg, name)
+    alpha, beta = rt.cfg.stage_reward_weights(stage)
+    sampler = GroupSampler(
+        {n: rt.train_groups[n] for n in stage.group_mix},
+        stage.group_mix,
+        batch_size=rt.cfg.rollout.prompts_per_step,
+        seed=stable_seed(rt.cfg.seed, name) % (1 << 62),
+    )
+    return StageState(name=name, stage=stage, sampler=sampler, alpha=alpha, beta=beta)
+
+
+def run_stage(rt: Runtime, st: StageState, logger: MetricsLogger, global_step: int, evaluate_fn: Any = None) -> int:
+    """Train ``st`` from its current step to ``stage.steps``; returns the global step reached."""
+    c = rt.cfg
+    while st.step < st.stage.steps:
+        pairs = train_step(rt, st)
+        st.step += 1
+        global_step += 1
+        if global_step % c.logging.log_every == 0 or st.step == st.stage.steps:
+            metrics = reduce_metrics(rt.acc, pairs)
+            metrics.update({"stage": 1 if st.name == "stage1" else 2, "lr": rt.optimizer.param_groups[0]["lr"]})
+            logger.log(global_step, metrics)
+        if evaluate_fn is not None and c.logging.eval_every and global_step % c.logging.eval_every == 0:
+            evaluate_fn(f"step{global_step}")
+        if (c.checkpoint.save_every and global_step % c.checkpoint.save_every == 0) or st.step == st.stage.steps:
+            save_checkpoint(
+                rt.acc,
+                rt.run_dir,
+                global_step,
+                model=rt.peft_model or rt.hf_model,
+                processor=rt.processor,
+                trainer_state=_trainer_state(rt, st, global_step),
+                keep_last=c.checkpoint.keep_last,
+                save_optimizer=c.checkpoint.save_optimizer,
+            )
+    return global_step
+
+
+def _reset_optimizer(rt: Runtime) -> None:
+    inner = getattr(rt.optimizer, "optimizer", rt.optimizer)
+    inner.state.clear()
+
+
+def train(cfg: Config, *, resume: bool = False, run_dir: Any = None) -> Runtime:
+    """Stage 1 then stage 2 (each if enabled); resumes from the latest complete checkpoint when asked."""
+    rt = build_runtime(cfg, train=True, run_dir=run_dir)
+    params = [p for p in rt.policy.parameters() if p.requires_grad]
+    o = cfg.optim
+    rt.optimizer = rt.acc.prepare_optimizer(
+        torch.optim.AdamW(params, lr=cfg.stage1.lr, betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay)
+    )
+    total = sum(getattr(cfg, s).steps for s in STAGES if getattr(cfg, s).enabled)
+    if rt.acc.log_with:
+        rt.acc.init_trackers(cfg.run_name)
+    logger = MetricsLogger(rt.run_dir, rt.acc, total_steps=total, progress_bar=cfg.logging.progress_bar)
+    global_step, start_stage, restored = 0, 0, None
+    ckpt = latest_checkpoint(rt.run_dir) if resume else None
+    if ckpt is not None:
+        restored = load_checkpoint(rt.acc, ckpt)
+        global_step = int(restored["global_step"])
+        start_stage = STAGES.index(restored["stage"])
+        log.info("resumed from %s (global step %d, %s)", ckpt, global_step, restored["stage"])
+        if rt.acc.is_main_process:  # steps logged after the checkpoint are run again: drop their old lines
+            truncate_metrics(rt.run_dir, global_step)
+        if logger.bar is not None:
+            logger.bar.update(global_step)
+    try:
+        for i, name in enumerate(STAGES):
+            if i < start_stage or not getattr(cfg, name).enabled:
+                continue
+            st = make_stage(rt, name)
+            if restored is not None and i == start_stage:
+                st.step = int(restored["stage_step"])
+                st.sampler.load_state_dict(restored["sampler"])
+                st.best.load_state_dict(restored["best"])
+                st.nonfinite_total = int(restored["nonfinite_total"])
+                st.nonfinite_in_row = int(restored["nonfinite_in_row"])
+            else:
+                _reset_optimizer(rt)
+            global_step = run_stage(rt, st, logger, global_step)
+    finally:
+        logger.close()
+    return rt
