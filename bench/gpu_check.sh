@@ -117,7 +117,7 @@ part_smoke() {
 }
 
 part_rollout_bench() {
-  if [ "$DRY" = 1 ]; then "$PY" bench/bench_rollout.py --scenario toy --device cpu
+  if [ "$DRY" = 1 ]; then "$PY" bench/bench_rollout.py --scenario toy --device cpu --images 4
   else "$PY" bench/bench_rollout.py --scenario bench --device cuda --images 4
   fi
 }
@@ -135,16 +135,22 @@ part_kernels_7b() {
   fi
 }
 
+part_step_bench() {
+  if [ "$DRY" = 1 ]; then "$PY" bench/bench_step.py --model tiny --device cpu --providers ours,torch --reps 1 --new-tokens 8
+  else "$PY" bench/bench_step.py --model qwen2.5-vl-3b --device cuda --layers 4 --reps 1 --new-tokens 32
+  fi
+}
+
 export DRY QUICK PY OUT_DIR SLUG
-export -f part_env part_install part_gpu_tests part_smoke part_rollout_bench part_kernels_3b part_kernels_7b
+export -f part_env part_install part_gpu_tests part_smoke part_rollout_bench part_kernels_3b part_kernels_7b part_step_bench
 
 # Time budgets (seconds) per part; each is a cap enforced by `timeout`. Full <= 5 min, --quick <= 2 min.
 if [ "$DRY" = 1 ]; then
-  B_ENV=30; B_INSTALL=30; B_TESTS=60; B_SMOKE=60; B_ROLLOUT=150; B_K3=60; B_K7=60
+  B_ENV=30; B_INSTALL=30; B_TESTS=60; B_SMOKE=60; B_ROLLOUT=150; B_K3=60; B_K7=60; B_STEP=150
 elif [ "$QUICK" = 1 ]; then
-  B_ENV=10; B_INSTALL=20; B_TESTS=25; B_SMOKE=15; B_ROLLOUT=20; B_K3=25; B_K7=0
+  B_ENV=10; B_INSTALL=20; B_TESTS=25; B_SMOKE=15; B_ROLLOUT=20; B_K3=30; B_K7=0; B_STEP=0
 else
-  B_ENV=10; B_INSTALL=25; B_TESTS=50; B_SMOKE=25; B_ROLLOUT=50; B_K3=100; B_K7=40
+  B_ENV=10; B_INSTALL=25; B_TESTS=40; B_SMOKE=15; B_ROLLOUT=40; B_K3=80; B_K7=35; B_STEP=55
 fi
 
 run_part env "$B_ENV" part_env
@@ -155,7 +161,7 @@ run_part smoke "$B_SMOKE" part_smoke
 run_part rollout-bench "$B_ROLLOUT" part_rollout_bench
 run_part kernels-3b "$B_K3" part_kernels_3b
 if [ "$B_K7" -gt 0 ]; then run_part kernels-7b "$B_K7" part_kernels_7b; fi
-# Later issues add their parts here (step bench), each with its own budget.
+if [ "$B_STEP" -gt 0 ]; then run_part step-bench "$B_STEP" part_step_bench; fi
 
 TOTAL=$(( $(date +%s) - START ))
 {
@@ -167,7 +173,7 @@ TOTAL=$(( $(date +%s) - START ))
   echo "|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
   echo
-  for f in "$OUT_DIR/gpu_smoke_${SLUG}.csv" "$OUT_DIR/rollout.csv" "$OUT_DIR/kernels.csv"; do
+  for f in "$OUT_DIR/gpu_smoke_${SLUG}.csv" "$OUT_DIR/rollout.csv" "$OUT_DIR/kernels.csv" "$OUT_DIR/step.csv"; do
     if [ -f "$f" ]; then echo "$(basename "$f"):"; echo '```'; cat "$f"; echo '```'; fi
   done
 } > "$SUMMARY"
