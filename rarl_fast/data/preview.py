@@ -99,7 +99,9 @@ def contact_sheet(groups: Sequence[Group], path: str | Path, *, title: str = "")
         ty = y + line + 6
         for i, im in enumerate(thumbs):
             x = _PAD + i * (_THUMB + _PAD + 24)
-            sheet.paste(im, (x, ty + (_THUMB - im.height) // 2))
+            top = ty + (_THUMB - im.height) // 2
+            sheet.paste(im, (x, top))
+            draw.rectangle((x - 1, top - 1, x + im.width, top + im.height), outline=(150, 150, 150))
             draw.text((x, ty + _THUMB + 2), f"Image {i + 1}: {g.values[i]:g}", fill=(0, 0, 160), font=font)
         ty += _THUMB + line + _PAD
         for text in prompt:
