@@ -91,15 +91,18 @@ def sample_next(
         tokens: [R] long; logp: [R] float32, ``log_softmax(logits / temperature)[token]``.
     """
     scaled = logits.float() / temperature
-    logp_all = torch.log_softmax(scaled, dim=-1)
+    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
     if greedy:
         tokens = scaled.argmax(dim=-1)
     else:
-        probs = filter_logits(scaled, top_k, top_p).softmax(dim=-1)
+        if top_k > 0 or top_p < 1.0:
+            probs = filter_logits(scaled, top_k, top_p).softmax(dim=-1)
+        else:
+            probs = (scaled - lse).exp_()
         if uniforms is None:
             tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
-            cdf = probs.double().cumsum(dim=-1)
-            target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
+            cdf = probs.cumsum_(dim=-1)  # float32: its rounding (~1e-7) is far below any sampling resolution we need
+            target = (uniforms.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(1)
             tokens = torch.searchsorted(cdf, target).squeeze(1).clamp_max(probs.shape[-1] - 1)
-    return tokens, logp_all.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    return tokens, (scaled.gather(1, tokens.unsqueeze(1)) - lse).squeeze(1)
