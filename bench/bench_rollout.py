@@ -1,7 +1,9 @@
 """Rollout benchmark: our shared-prefix HF engine vs ``model.generate(num_return_sequences=G)``, one run.
 
 Fixed scenario (``--scenario bench``): a random-init Qwen2.5-VL of the same family as the test model but
-larger (text: hidden 512, 4 layers, 4 heads / 2 KV heads, vocab 151936; vision: hidden 256, depth 4), B = 2
+larger (text: hidden 512, 12 layers, 4 heads / 2 KV heads, vocab 32000; vision: hidden 384, depth 8; the
+proportions of transformer, lm_head and vision-tower work per token are kept closer to Qwen2.5-VL-3B's than a
+shallow model with a 152k vocabulary would, whose CPU decode is all lm_head), B = 2
 prompts, G = 8, 1 and 4 images of 448x448 per prompt (256 visual tokens each), 160 new tokens per completion
 with EOS ignored (both providers decode exactly 160 tokens). ``--scenario toy`` is a seconds-long version for
 ``gpu_check.sh --dry-run``. Each provider runs in its own subprocess so that peak memory (max RSS on CPU,
@@ -28,7 +30,7 @@ from pathlib import Path
 
 SCENARIOS = {
     "bench": dict(
-        model=dict(hidden_size=512, num_layers=4, vision_depth=4, vision_hidden_size=256, vocab_size=151936),
+        model=dict(hidden_size=512, num_layers=12, vision_depth=8, vision_hidden_size=384, vocab_size=32000),
         image_px=448,
         prompts=2,
         G=8,
