@@ -52,35 +52,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _table(cells, name: str, cfg, out_dir) -> None:
-    from rarl_fast.evaluate import write_table
+    from rarl_fast.evaluate import task_name, write_table
 
-    task = f"synthetic:{cfg.data.synthetic_task}" if cfg.data.task == "synthetic" else cfg.data.task
-    print(write_table({name: {task: cells}}, out_dir, cfg.data.group_sizes))
+    print(write_table({name: {task_name(cfg): cells}}, out_dir, cfg.data.group_sizes))
+
+
+def _evaluate_trained(args: argparse.Namespace, cfg, model, tag: str, row: str) -> int:
+    """Unless --no-eval: evaluate the model just saved at ``model`` and print its table row."""
+    from rarl_fast.pipeline import run_eval, with_model
+
+    if not args.no_eval:
+        run_dir = model.parent
+        _table(run_eval(with_model(cfg, model), tag, run_dir=run_dir), row, cfg, run_dir / "eval")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Two-stage RARL training (stage 1, then stage 2) of cfg.model; saves checkpoints and the final model, then
     evaluates it on the fixed test groups. Runs under `accelerate launch` for several processes."""
-    from rarl_fast.pipeline import run_eval, run_rarl, with_model
+    from rarl_fast.pipeline import run_rarl
 
     cfg = _load(args)
-    model = run_rarl(cfg, resume=args.resume)
-    if not args.no_eval:
-        run_dir = model.parent
-        _table(run_eval(with_model(cfg, model), "rarl", run_dir=run_dir), "RARL", cfg, run_dir / "eval")
-    return 0
+    return _evaluate_trained(args, cfg, run_rarl(cfg, resume=args.resume), "rarl", "RARL")
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
     """Supervised fine-tuning on ground-truth answers (the SFT baseline); saves the model, then evaluates it."""
-    from rarl_fast.pipeline import run_eval, run_sft, with_model
+    from rarl_fast.pipeline import run_sft
 
     cfg = _load(args)
-    model = run_sft(cfg, steps=args.steps)
-    if not args.no_eval:
-        run_dir = model.parent
-        _table(run_eval(with_model(cfg, model), "sft", run_dir=run_dir), "SFT", cfg, run_dir / "eval")
-    return 0
+    return _evaluate_trained(args, cfg, run_sft(cfg, steps=args.steps), "sft", "SFT")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ __all__ = ["run_demo"]
 
 def run_demo(cfg: Config) -> dict[str, Any]:
     """Run the demo; returns the summary (also written as JSON)."""
-    from rarl_fast.evaluate import write_table
+    from rarl_fast.evaluate import task_name, write_table
     from rarl_fast.model import resolve_model_path
     from rarl_fast.pipeline import run_eval, run_rarl, run_sft, with_model
     from rarl_fast.plot import plot_run
@@ -44,7 +44,7 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     base = resolve_model_path(cfg.model.name_or_path, cfg.model.tiny_dir)
     rl_steps = sum(s.steps for s in (cfg.stage1, cfg.stage2) if s.enabled)
     results: dict[str, dict[str, dict[int, Any]]] = {}
-    task = f"synthetic:{cfg.data.synthetic_task}" if cfg.data.task == "synthetic" else cfg.data.task
+    task = task_name(cfg)
 
     results["untrained"] = {
         task: timed("eval untrained", run_eval, with_model(cfg, base), "untrained", run_dir=root / "untrained")

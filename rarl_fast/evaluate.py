@@ -14,7 +14,12 @@ import torch
 
 from rarl_fast.rl.splice import completion_texts
 
-__all__ = ["evaluate", "generate_answers", "write_table"]
+__all__ = ["evaluate", "generate_answers", "task_name", "write_table"]
+
+
+def task_name(cfg: Any) -> str:
+    """The task's column title in the results table (``synthetic:<task>`` for the synthetic benchmark)."""
+    return f"synthetic:{cfg.data.synthetic_task}" if cfg.data.task == "synthetic" else cfg.data.task
 
 
 def generate_answers(rt: Any, groups: list[Any], *, batch_size: int) -> list[str]:

@@ -211,8 +211,6 @@ def build_runtime(cfg: Config, *, train: bool = True, run_dir: Path | None = Non
     sizes = list(cfg.data.group_sizes)
     train_groups = build_train_groups(task, sizes, seed=cfg.data.seed, groups_per_n=cfg.data.train_groups_per_n)
     test_groups = build_test_groups(task, sizes, seed=cfg.data.seed, num_groups=cfg.data.num_test_groups)
-    if train:
-        check_completion_budget(cfg, processor.tokenizer, train_groups)
     engine = make_engine(
         cfg.rollout.backend,
         model=acc.unwrap_model(policy).model,

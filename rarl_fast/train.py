@@ -30,7 +30,7 @@ from rarl_fast.rl.rmo import BestCache, mutate_responses
 from rarl_fast.rl.splice import completion_texts, splice_references
 from rarl_fast.rollout.base import Rollouts
 from rarl_fast.rollout.sampling import stable_seed
-from rarl_fast.runtime import Runtime, build_runtime, lr_at
+from rarl_fast.runtime import Runtime, build_runtime, check_completion_budget, lr_at
 from rarl_fast.tracking import MetricsLogger, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -370,6 +370,7 @@ def _reset_optimizer(rt: Runtime) -> None:
 def train(cfg: Config, *, resume: bool = False, run_dir: Any = None) -> Runtime:
     """Stage 1 then stage 2 (each if enabled); resumes from the latest complete checkpoint when asked."""
     rt = build_runtime(cfg, train=True, run_dir=run_dir)
+    check_completion_budget(cfg, rt.tokenizer, rt.train_groups)
     params = [p for p in rt.policy.parameters() if p.requires_grad]
     o = cfg.optim
     rt.optimizer = rt.acc.prepare_optimizer(

@@ -238,3 +238,18 @@ def test_reference_curve(tiny_vlm_dir, tmp_path):
                 continue
             tol = 1e-3 if k.startswith(("reward", "rmo", "response")) else 1e-3 * abs(want[k]) + 1e-4
             assert got[k] == pytest.approx(want[k], abs=tol), (got["step"], k, got[k], want[k])
+
+
+@pytest.mark.timeout(300)
+def test_cli_sft_then_eval_writes_model_and_table(tiny_vlm_dir, tmp_path):
+    from rarl_fast.cli import main
+
+    args = ["-c", str(ROOT / "configs" / "demo_cpu.yaml"), *tiny_overrides(tiny_vlm_dir, tmp_path)]
+    assert main(["sft", "--steps", "2", *args, "rollout.max_new_tokens=16"]) == 0
+    run = tmp_path / "run"
+    assert (run / "model" / "model.safetensors").is_file() and (run / "eval" / "results.md").is_file()
+    assert [r["step"] for r in read_metrics(run)] == [1, 2] and "sft/loss" in read_metrics(run)[0]
+    assert main(["eval", "--model", str(run / "model"), "--name", "again", *args, "rollout.max_new_tokens=16"]) == 0
+    responses = (run / "eval" / "again.jsonl").read_text().splitlines()
+    assert len(responses) == 2 * 2  # 2 test groups for each of N = 1 and 2
+    assert main(["plot", str(run)]) == 0 and (run / "curves.png").is_file()
