@@ -6,13 +6,12 @@ from typing import Any
 
 from rarl_fast.rollout.base import GenerationParams, RolloutEngine, Rollouts
 from rarl_fast.rollout.hf import HFEngine
-from rarl_fast.rollout.policy import CompletionStates, PolicyForward, completion_states
+from rarl_fast.rollout.policy import CompletionStates, completion_states
 
 __all__ = [
     "CompletionStates",
     "GenerationParams",
     "HFEngine",
-    "PolicyForward",
     "RolloutEngine",
     "Rollouts",
     "completion_states",

@@ -4,7 +4,8 @@ The vision tower runs once per prompt (not per sample) and its features are gath
 each group; positions are the explicit 3-D mRoPE positions that generation used, so re-scored log-probs
 match the engine's sampling log-probs. The lm_head is NOT applied here: the hidden states go to the fused
 lm_head + log-prob / GRPO loss of ``rarl_kernels`` so that [tokens x vocab] logits are never stored.
-The same function gives the reference's and the old policy's log-probs.
+The same function gives the reference's and the old policy's log-probs; ``rarl_fast.rl.loss.PolicyModule``
+wraps it (with the fused loss) in one module forward for DDP/FSDP.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from rarl_fast.rollout.base import Rollouts
 from rarl_fast.rollout.positions import completion_positions, mrope_positions
 
-__all__ = ["CompletionStates", "PolicyForward", "completion_states", "logprobs_ref"]
+__all__ = ["CompletionStates", "completion_states", "logprobs_ref"]
 
 
 @dataclass
@@ -94,22 +95,6 @@ def completion_states(model: nn.Module, rollouts: Rollouts) -> CompletionStates:
     )
     hidden = out.last_hidden_state[:, P - 1 : P + T - 1]
     return CompletionStates(hidden=hidden, labels=ro.completion_ids, mask=ro.completion_mask)
-
-
-class PolicyForward(nn.Module):
-    """``nn.Module`` wrapper of :func:`completion_states`, so that the whole re-score (vision tower, embeddings,
-    language model) runs inside one module forward (what DDP/FSDP wrap and hook)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, rollouts: Rollouts) -> CompletionStates:
-        return completion_states(self.model, rollouts)
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.get_output_embeddings()
 
 
 def logprobs_ref(states: CompletionStates, lm_head: nn.Module, temperature: float = 1.0) -> Tensor:
