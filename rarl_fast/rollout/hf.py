@@ -1,16 +1,17 @@
-"""Our Hugging Face rollout engine: images encoded and the prompt pre-filled ONCE per prompt, then the KV cache
-is expanded to the G samples, which decode together.
+"""Our Hugging Face rollout engine: images encoded and the prompt pre-filled ONCE per prompt, then the G samples
+of each prompt decode together over that one prompt KV cache (:mod:`rarl_fast.rollout.shared_prefix`).
 
 ``model.generate(..., num_return_sequences=G)`` copies every prompt (and its images) G times before the
 pre-fill; with up to 8 images per prompt that is most of a rollout's compute. Here the vision tower and the
-pre-fill see B prompts, not B * G. Sampling follows transformers' rules (temperature -> top-k -> top-p) and the
+pre-fill see B prompts, not B * G, and decode attention reads each prompt's keys and values once for its G
+samples instead of G copies. Sampling follows transformers' rules (temperature -> top-k -> top-p) and the
 returned log-probs are those of METHOD.md section 4 (``logits / T`` before truncation), in float32.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from torch import Tensor
 from rarl_fast.rollout.base import GenerationParams, Rollouts
 from rarl_fast.rollout.positions import completion_positions, mrope_positions
 from rarl_fast.rollout.sampling import hashed_uniforms, row_seeds, sample_next
+from rarl_fast.rollout.shared_prefix import SharedPrefixDecoder, text_parts
 
 __all__ = ["HFEngine", "batch_field"]
 
@@ -49,6 +51,8 @@ class HFEngine:
     unless it was built with its own copy). With ``params.seed`` set, sampling is counter-based per row
     (see :mod:`rarl_fast.rollout.sampling`): a row's completion depends only on the seed, its group key and
     its sample index. Without it, one generator seeded at construction draws for the whole batch.
+    ``shared_prefix_decode=False`` (or a model :func:`text_parts` does not support) decodes through the model's
+    own forward over a KV cache copied to the G samples: the reference the shared-prefix path is tested against.
     """
 
     def __init__(
@@ -58,8 +62,10 @@ class HFEngine:
         *,
         eos_token_ids: Iterable[int] | None = None,
         seed: int = 0,
+        shared_prefix_decode: bool = True,
     ):
         self.model = model
+        self.shared_prefix_decode = shared_prefix_decode
         cfg = model.config
         self.image_token_id = int(cfg.image_token_id)
         self.vision_start_id = int(cfg.vision_start_token_id)
@@ -116,6 +122,32 @@ class HFEngine:
         out = self.model(use_cache=True, logits_to_keep=1, return_dict=True, **kw)
         return out.logits[:, -1], out.past_key_values
 
+    def _decoder(
+        self, cache: Any, mask: Tensor, row_mask: Tensor, positions: Tensor, G: int
+    ) -> Callable[[Tensor, int], Tensor]:
+        """``step(tokens [R], t) -> logits [R, V]``: feed completion token ``t`` of each of the R = B * G rows.
+
+        Args:
+            cache: the pre-fill's ``DynamicCache`` of the B prompts.
+            mask: [B, P] prompt mask; row_mask: [R, P] the same per row.
+            positions: [3, R, T] mRoPE positions of the completion tokens.
+        """
+        parts = text_parts(self.model) if self.shared_prefix_decode else None
+        if parts is not None:
+            return SharedPrefixDecoder(*parts, cache, mask, positions, G).step
+        cache.batch_repeat_interleave(G)
+        ones = torch.ones_like(row_mask[:, :1]).expand(-1, positions.shape[-1])
+
+        def step(tokens: Tensor, t: int) -> Tensor:
+            return self._forward(
+                input_ids=tokens.unsqueeze(1),
+                attention_mask=torch.cat([row_mask, ones[:, : t + 1]], dim=1),
+                position_ids=positions[:, :, t : t + 1],
+                past_key_values=cache,
+            )[0]
+
+        return step
+
     def _generate(self, batch: Any, n: int, params: GenerationParams) -> Rollouts:
         device = self._device()
         ids = batch_field(batch, "input_ids").to(device)
@@ -139,19 +171,20 @@ class HFEngine:
         )
         prefill_s = time.perf_counter() - t0
 
-        # 2. Share the prefix: expand cache and per-row state to the G samples of each prompt.
-        cache.batch_repeat_interleave(G)
+        # 2. Decode the G samples of each prompt over its shared prefix.
         row_mask = mask.repeat_interleave(G, dim=0)
         num_real = row_mask.sum(dim=1)
         row_deltas = deltas.repeat_interleave(G)
         logits = logits.repeat_interleave(G, dim=0)
+        step = self._decoder(
+            cache, mask, row_mask, completion_positions(num_real, row_deltas, params.max_new_tokens), G
+        )
         eos = torch.tensor(self.eos_token_ids, device=device)
         vision = torch.tensor(self.vision_token_ids, device=device)
 
         tokens, logps, valid = [], [], []
         finished = torch.zeros(R, dtype=torch.bool, device=device)
         vision_cut = torch.zeros(R, dtype=torch.bool, device=device)
-        ones = torch.ones(R, params.max_new_tokens, dtype=row_mask.dtype, device=device)
         for t in range(params.max_new_tokens):
             tok, lp = sample_next(
                 logits,
@@ -173,12 +206,7 @@ class HFEngine:
             finished |= cut | (live & torch.isin(tok, eos))
             if t + 1 == params.max_new_tokens or bool(finished.all()):  # host sync: early stop
                 break
-            logits, cache = self._forward(
-                input_ids=tok.unsqueeze(1),
-                attention_mask=torch.cat([row_mask, ones[:, : t + 1]], dim=1),
-                position_ids=completion_positions(num_real, row_deltas, 1, offset=t),
-                past_key_values=cache,
-            )
+            logits = step(tok, t)
         completion_mask = torch.stack(valid, dim=1)
         return Rollouts(
             prompt_ids=ids.repeat_interleave(G, dim=0),
