@@ -405,10 +405,14 @@ class SFTConfig:
     lr: float = 1e-5
     """Peak learning rate (warmup + cosine like the RL stages)."""
     group_mix: dict[int, float] = field(default_factory=lambda: {1: 0.25, 2: 0.25, 4: 0.25, 8: 0.25})
-    """Sampling weight of each N in SFT batches (``rollout.prompts_per_step`` groups per step)."""
+    """Sampling weight of each N in SFT batches."""
+    prompts_per_step: int | None = None
+    """Groups per SFT step (summed over ranks); None takes ``rollout.prompts_per_step``. One SFT group costs a
+    forward/backward of one answer, an RL group G sampled answers, so SFT can afford larger batches."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+        _check(self.prompts_per_step is None or self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(bool(self.group_mix) and all(w >= 0 for w in self.group_mix.values()), "group_mix", "needs weights >= 0")
         _check(sum(self.group_mix.values()) > 0, "group_mix", "weights must not all be 0")

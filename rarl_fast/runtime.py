@@ -169,11 +169,12 @@ def build_runtime(cfg: Config, *, train: bool = True, run_dir: Path | None = Non
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
     acc.wait_for_everyone()
-    if train and cfg.rollout.prompts_per_step % acc.num_processes:
-        raise ValueError(
-            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple of the number of "
-            f"processes ({acc.num_processes}): groups are the unit of data parallelism"
-        )
+    for key, per_step in (("rollout", cfg.rollout.prompts_per_step), ("sft", cfg.sft.prompts_per_step)):
+        if train and per_step and per_step % acc.num_processes:
+            raise ValueError(
+                f"{key}.prompts_per_step={per_step} must be a multiple of the number of processes "
+                f"({acc.num_processes}): groups are the unit of data parallelism"
+            )
     ds = getattr(acc.state, "deepspeed_plugin", None)
     if ds is not None and getattr(ds, "zero_stage", 0) == 3:
         raise NotImplementedError(

@@ -84,7 +84,7 @@ def sft_step(rt: Runtime, groups: list[Any], lr: float) -> dict[str, float]:
 
 
 def train_sft(rt: Runtime, *, steps: int, lr: float, mix: dict[int, float], seed_tag: str = "sft") -> None:
-    """``steps`` SFT steps of ``rollout.prompts_per_step`` groups drawn with the N ``mix``; logs to metrics.jsonl."""
+    """``steps`` SFT steps of ``sft.prompts_per_step`` groups drawn with the N ``mix``; logs to metrics.jsonl."""
     from rarl_fast.data import GroupSampler
 
     o = rt.cfg.optim
@@ -96,7 +96,7 @@ def train_sft(rt: Runtime, *, steps: int, lr: float, mix: dict[int, float], seed
     sampler = GroupSampler(
         {n: rt.train_groups[n] for n in mix},
         mix,
-        batch_size=rt.cfg.rollout.prompts_per_step,
+        batch_size=rt.cfg.sft.prompts_per_step or rt.cfg.rollout.prompts_per_step,
         seed=stable_seed(rt.cfg.seed, seed_tag) % (1 << 62),
     )
     logger = MetricsLogger(rt.run_dir, rt.acc, total_steps=steps, progress_bar=rt.cfg.logging.progress_bar)

@@ -20,9 +20,9 @@ FROZEN_VALUES = {
 FROZEN_BAR_LAYOUT = {
     "size": (112, 56),
     "background": (255, 255, 255),
-    "bar": {"x0": 44, "y0": 16, "length": 36, "thickness": 8, "colour": (0, 0, 0)},
+    "bar": {"x0": 44, "y0": 13, "length": 36, "thickness": 16, "colour": (0, 0, 0)},
 }
-FROZEN_SHAPES_FIRST = {"kind": "square", "r": 4, "colour": (0, 0, 0), "cx": 15, "cy": 10}
+FROZEN_SHAPES_FIRST = {"kind": "square", "r": 6, "colour": (0, 0, 0), "cx": 17, "cy": 12}
 
 
 @pytest.mark.parametrize("task, split", list(FROZEN_VALUES))
@@ -51,7 +51,7 @@ def test_shapes_pixels_hold_exactly_value_blobs(split: str):
         assert ((np.asarray(im).min(axis=2) == 255) | dark).all()  # nothing but paper and ink
         labels, blobs = ndimage.label(dark, structure=np.ones((3, 3)))
         assert blobs == sample.value, sample.sample_id
-        assert all(np.ptp(np.argwhere(labels == i), axis=0).tolist() == [8, 8] for i in range(1, blobs + 1))
+        assert all(np.ptp(np.argwhere(labels == i), axis=0).tolist() == [12, 12] for i in range(1, blobs + 1))
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -62,8 +62,8 @@ def test_bar_pixels_are_ten_times_the_value_long(split: str):
         cols = np.flatnonzero(_dark(im).any(axis=0))
         rows = np.flatnonzero(_dark(im).any(axis=1))
         assert len(cols) == round(10 * sample.value) and cols[-1] - cols[0] + 1 == len(cols)
-        assert cols[0] >= 6 and cols[-1] <= 105 and len(rows) == 8 and rows[0] >= 4 and rows[-1] <= 51
-        assert int(_dark(im).sum()) == 8 * len(cols)  # a solid rectangle
+        assert cols[0] >= 6 and cols[-1] <= 105 and len(rows) == 16 and rows[0] >= 4 and rows[-1] <= 51
+        assert int(_dark(im).sum()) == 16 * len(cols)  # a solid rectangle
 
 
 def test_deterministic_and_seeded():

@@ -4,7 +4,8 @@ Two tasks of different kinds, drawn with Pillow, deterministic by seed, needing 
 (0, 0, 0) on white paper (255, 255, 255). They are sized for the tiny VLM: images are small and already
 multiples of 28 px, so Qwen2.5-VL's processor does not resample them (8 or 9 visual tokens each), and every
 object has a fixed size, so the amount of ink is proportional to the value; what varies is where the
-objects are (and, for counting, their kind).
+objects are (and, for counting, their kind). The objects are large on purpose: with 9 x 9 px shapes or an
+8 px bar, the tiny VLM had learned little after 300 warm-start steps; at these sizes it learns both.
 
 Randomness: sample ``index`` of split ``split`` (train = 0, test = 1) of task ``t`` (shapes = 1, bar = 2)
 under seed ``s`` uses ``numpy.random.default_rng([1, t, split, s mod 2**64, index])``; the value is its first
@@ -12,8 +13,8 @@ draw and the layout the draws after it, in the order written below. Train and te
 
 ``shapes`` (a count; rule "number of shapes", "an integer from 0 to 9", tolerance 2, 1-image metric accuracy)
     84 x 84 px (9 visual tokens). Draws: k = integers(0, 10) (the value, uniform on 0..9); then k shapes,
-    each: kind = circle if random() < 0.5 else square; then centre x, centre y = integers(6, 78) each
-    (half-size r = 4: the box [c - 4, c + 4] is 9 x 9 px within 2..81), redrawn (up to 1000 times) until the
+    each: kind = circle if random() < 0.5 else square; then centre x, centre y = integers(8, 76) each
+    (half-size r = 6: the box [c - 6, c + 6] is 13 x 13 px within 2..81), redrawn (up to 1000 times) until the
     box leaves at least 3 empty pixel columns or rows to every earlier shape's box; if a shape finds no
     place, all shapes are discarded and placement starts over with the next draws. Circles are
     ``ImageDraw.ellipse`` and squares ``ImageDraw.rectangle`` on that box, filled, no outline. The shapes
@@ -22,9 +23,9 @@ draw and the layout the draws after it, in the order written below. Train and te
 ``bar`` (a length; rule "length of the bar", "a number from 0 to 10", tolerance 1, 1-image metric MAE)
     112 x 56 px (width x height; 8 visual tokens). Draws: L = integers(5, 101) (bar length in px, uniform on
     5..100; the value is L / 10, so 0.5..10.0 in steps of 0.1); left column x0 = integers(6, 107 - L); top
-    row y0 = integers(4, 45). The bar is the filled rectangle of columns x0..x0 + L - 1 and rows
-    y0..y0 + 7 (8 px thick), so it lies within columns 6..105 and rows 4..51, and its length in pixels is
-    exactly 10 * value.
+    row y0 = integers(4, 37). The bar is the filled rectangle of columns x0..x0 + L - 1 and rows
+    y0..y0 + 15 (16 px thick), so it lies within columns 6..105 and rows 4..51, and its length (horizontal
+    extent, whatever its thickness) in pixels is exactly 10 * value.
 
 Pixels are exact for a given Pillow version; the values and layouts (:meth:`SyntheticImage.layout`) are exact
 everywhere.
@@ -51,8 +52,8 @@ _SPLITS = {"train": 0, "test": 1}
 
 _SHAPES_SIZE = (84, 84)
 _BAR_SIZE = (112, 56)  # (width, height)
-_SHAPE_HALF_SIZE = 4  # every shape's box is 9 x 9 px
-_BAR_THICKNESS = 8
+_SHAPE_HALF_SIZE = 6  # every shape's box is 13 x 13 px
+_BAR_THICKNESS = 16
 _GAP = 3  # empty pixels required between two shapes' boxes
 _MAX_TRIES = 1000
 _PAPER = (255, 255, 255)
