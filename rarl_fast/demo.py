@@ -18,7 +18,36 @@ from typing import Any
 
 from rarl_fast.config import Config, dump_config
 
-__all__ = ["run_demo"]
+__all__ = ["reward_rise", "run_demo"]
+
+
+def reward_rise(rows: list[dict[str, Any]], *, key: str = "reward/total", frac: float = 0.2) -> dict[int, dict]:
+    """Per RL stage: mean ``key`` over the first and the last ``frac`` of its steps, the standard error of their
+    difference (independent steps) and ``rises`` = difference > 2 standard errors (the demo's acceptance test).
+
+    ``rows`` are a run's metrics lines (``stage`` 1 or 2); a stage with fewer than 4 logged steps gets no verdict.
+    """
+    import statistics
+
+    out: dict[int, dict] = {}
+    for stage in sorted({int(r["stage"]) for r in rows if r.get("stage") and r.get(key) is not None}):
+        vals = [float(r[key]) for r in sorted(rows, key=lambda r: r["step"]) if r.get("stage") == stage and key in r]
+        k = max(2, round(frac * len(vals)))
+        if len(vals) < 4:
+            out[stage] = {"steps": len(vals), "rises": None}
+            continue
+        first, last = vals[:k], vals[-k:]
+        se = (statistics.variance(first) / k + statistics.variance(last) / k) ** 0.5
+        diff = statistics.fmean(last) - statistics.fmean(first)
+        out[stage] = {
+            "steps": len(vals),
+            "window": k,
+            "first": statistics.fmean(first),
+            "last": statistics.fmean(last),
+            "se": se,
+            "rises": bool(diff > 2 * se),
+        }
+    return out
 
 
 def run_demo(cfg: Config) -> dict[str, Any]:
@@ -63,6 +92,9 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     results[f"SFT warm start + RARL ({rl_steps} steps)"] = {
         task: timed("eval rarl", run_eval, with_model(cfg, rarl), "rarl", run_dir=root / "rarl")
     }
+    from rarl_fast.tracking import read_metrics
+
+    rise = reward_rise(read_metrics(root / "rarl"))
     table = write_table(results, root, cfg.data.group_sizes)
     curves = {name: str(plot_run(root / name)) for name in ("sft_warm", "sft_continued", "rarl")}
     times["total"] = round(time.perf_counter() - t_all, 1)
@@ -71,6 +103,7 @@ def run_demo(cfg: Config) -> dict[str, Any]:
         "table": str(root / "results.md"),
         "curves": curves,
         "models": {"sft_warm": str(warm), "sft_continued": str(more), "rarl": str(rarl)},
+        "reward_rise": {str(stage): r for stage, r in rise.items()},
         "results": {
             model: {
                 str(n): {"metric": c.name, "value": c.value, "failure_rate": c.failure_rate}
@@ -81,5 +114,12 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     }
     (root / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print(table)
+    for stage, r in rise.items():
+        if r["rises"] is not None:
+            print(
+                f"[demo] stage {stage} mean reward: first {r['window']} steps {r['first']:.3f}, last {r['window']} "
+                f"{r['last']:.3f} (diff {r['last'] - r['first']:+.3f}, 2 SE = {2 * r['se']:.3f}): "
+                + ("rises" if r["rises"] else "does NOT rise by more than 2 SE")
+            )
     print(f"[demo] total {times['total']} s; table {root / 'results.md'}; curves {', '.join(curves.values())}")
     return summary

@@ -31,6 +31,8 @@ def tiny_overrides(tiny_dir: Path, out: Path, **extra: object) -> list[str]:
         "model.local_files_only": "true",
         "output_dir": str(out),
         "run_name": "run",
+        "model.min_pixels": 56 * 56,  # 4..16 visual tokens per image (the demo upscales to 36: slower)
+        "model.max_pixels": 112 * 112,
         "data.group_sizes": "[1, 2]",
         "data.num_test_groups": 2,
         "data.synthetic_train_size": 64,
@@ -253,3 +255,34 @@ def test_cli_sft_then_eval_writes_model_and_table(tiny_vlm_dir, tmp_path):
     responses = (run / "eval" / "again.jsonl").read_text().splitlines()
     assert len(responses) == 2 * 2  # 2 test groups for each of N = 1 and 2
     assert main(["plot", str(run)]) == 0 and (run / "curves.png").is_file()
+
+
+@pytest.mark.timeout(600)
+def test_demo_end_to_end_at_toy_size(tiny_vlm_dir, tmp_path):
+    from rarl_fast.demo import run_demo
+
+    overrides = tiny_overrides(tiny_vlm_dir, tmp_path, **{"sft.steps": 2})
+    summary = run_demo(load_config(ROOT / "configs" / "demo_cpu.yaml", overrides))
+    root = tmp_path / "run"
+    rows = [line.split("|")[1].strip() for line in (root / "results.md").read_text().splitlines()[2:]]
+    assert rows == ["untrained", "SFT warm start", "SFT warm start + 4 SFT steps", "SFT warm start + RARL (4 steps)"]
+    assert set(summary["results"]) == set(rows)
+    assert all(set(cells) == {"1", "2"} for cells in summary["results"].values())
+    assert all(Path(p).is_file() for p in summary["curves"].values())
+    assert [r["step"] for r in read_metrics(root / "sft_continued")] == [1, 2, 3, 4]  # as many steps as RARL took
+    assert set(summary["reward_rise"]) == {"1", "2"}  # 2 steps per stage: too few for a verdict
+    assert all(r == {"steps": 2, "rises": None} for r in summary["reward_rise"].values())
+    assert json.loads((root / "demo_summary.json").read_text())["wall_seconds"]["total"] > 0
+
+
+def test_reward_rise_verdicts():
+    from rarl_fast.demo import reward_rise
+
+    flat = [{"step": i, "stage": 1, "reward/total": 0.5 + 0.1 * (-1) ** i} for i in range(1, 11)]
+    rising = [{"step": 10 + i, "stage": 2, "reward/total": 0.1 * i + 0.01 * (-1) ** i} for i in range(1, 11)]
+    out = reward_rise([*flat, *rising, {"step": 0, "stage": 0, "sft/loss": 1.0}])
+    assert set(out) == {1, 2} and out[1]["window"] == out[2]["window"] == 2
+    assert out[1]["first"] == pytest.approx(0.5) and out[1]["last"] == pytest.approx(0.5) and not out[1]["rises"]
+    # first two steps 0.09, 0.21; last two 0.89, 1.01: variance 0.0072 each, SE = sqrt(0.0072 / 2 + 0.0072 / 2)
+    assert out[2]["first"] == pytest.approx(0.15) and out[2]["last"] == pytest.approx(0.95)
+    assert out[2]["se"] == pytest.approx(0.0072**0.5) and out[2]["rises"]
