@@ -4,7 +4,7 @@ On the embedded synthetic benchmark with the tiny VLM, on 2 CPU cores:
 1. evaluate the untrained model;
 2. SFT warm start (``sft.steps``), evaluate;
 3. from the warm start, SFT for as many extra steps as RARL takes (stage 1 + stage 2), evaluate;
-4. from the warm start, RARL stage 1 then stage 2, evaluate;
+4. from the warm start, RARL stage 1 then stage 2, evaluate (3 and 4 in two processes on a CPU machine);
 then write the paper-shaped table (rows: untrained, SFT warm start, SFT continued, SFT + RARL), the curves
 (PNG) and ``demo_summary.json`` (wall times, where everything is) into ``<output_dir>/<run_name>/``.
 """
@@ -12,7 +12,10 @@ then write the paper-shaped table (rows: untrained, SFT warm start, SFT continue
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +53,40 @@ def reward_rise(rows: list[dict[str, Any]], *, key: str = "reward/total", frac: 
     return out
 
 
+def _timed(times: dict[str, float], name: str, fn, *args, **kw):
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    times[name] = round(time.perf_counter() - t0, 1)
+    print(f"[demo] {name}: {times[name]} s", flush=True)
+    return out
+
+
+def _continued_sft(cfg: Config, warm: Path, steps: int, root: Path) -> tuple[Path, dict[int, Any], dict[str, float]]:
+    """The baseline branch: ``steps`` more SFT steps from the warm start, then its evaluation."""
+    from rarl_fast.pipeline import run_eval, run_sft, with_model
+
+    times: dict[str, float] = {}
+    more = _timed(times, "sft continued", run_sft, with_model(cfg, warm), steps=steps, run_dir=root / "sft_continued")
+    res = _timed(
+        times, "eval sft continued", run_eval, with_model(cfg, more), "sft_continued", run_dir=root / "sft_continued"
+    )
+    return more, res, times
+
+
+def _spare_cores(cfg: Config) -> bool:
+    """True on a CPU-only machine with cores for two branches of ``cpu_threads`` each."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return not torch.cuda.is_available() and bool(cfg.cpu_threads) and cores >= 2 * cfg.cpu_threads
+
+
 def run_demo(cfg: Config) -> dict[str, Any]:
-    """Run the demo; returns the summary (also written as JSON)."""
+    """Run the demo; returns the summary (also written as JSON).
+
+    On a CPU machine with the cores for it, the continued-SFT baseline trains in a second process while RARL
+    trains in this one (the two branches only share the warm start); elsewhere they run one after the other.
+    """
     from rarl_fast.evaluate import task_name, write_table
     from rarl_fast.model import resolve_model_path
     from rarl_fast.pipeline import run_eval, run_rarl, run_sft, with_model
@@ -62,36 +97,38 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     dump_config(cfg, root / "config.yaml")
     times: dict[str, float] = {}
     t_all = time.perf_counter()
-
-    def timed(name: str, fn, *args, **kw):
-        t0 = time.perf_counter()
-        out = fn(*args, **kw)
-        times[name] = round(time.perf_counter() - t0, 1)
-        print(f"[demo] {name}: {times[name]} s", flush=True)
-        return out
-
     base = resolve_model_path(cfg.model.name_or_path, cfg.model.tiny_dir)
     rl_steps = sum(s.steps for s in (cfg.stage1, cfg.stage2) if s.enabled)
     results: dict[str, dict[str, dict[int, Any]]] = {}
     task = task_name(cfg)
 
-    results["untrained"] = {
-        task: timed("eval untrained", run_eval, with_model(cfg, base), "untrained", run_dir=root / "untrained")
-    }
-    warm = timed("sft warm start", run_sft, with_model(cfg, base), run_dir=root / "sft_warm")
-    results["SFT warm start"] = {
-        task: timed("eval warm start", run_eval, with_model(cfg, warm), "sft_warm", run_dir=root / "sft_warm")
-    }
-    more = timed("sft continued", run_sft, with_model(cfg, warm), steps=rl_steps, run_dir=root / "sft_continued")
-    results[f"SFT warm start + {rl_steps} SFT steps"] = {
-        task: timed(
-            "eval sft continued", run_eval, with_model(cfg, more), "sft_continued", run_dir=root / "sft_continued"
-        )
-    }
-    rarl = timed("rarl", run_rarl, with_model(cfg, warm), run_dir=root / "rarl")
-    results[f"SFT warm start + RARL ({rl_steps} steps)"] = {
-        task: timed("eval rarl", run_eval, with_model(cfg, rarl), "rarl", run_dir=root / "rarl")
-    }
+    untrained = _timed(
+        times, "eval untrained", run_eval, with_model(cfg, base), "untrained", run_dir=root / "untrained"
+    )
+    results["untrained"] = {task: untrained}
+    warm = _timed(times, "sft warm start", run_sft, with_model(cfg, base), run_dir=root / "sft_warm")
+    warm_res = _timed(times, "eval warm start", run_eval, with_model(cfg, warm), "sft_warm", run_dir=root / "sft_warm")
+    results["SFT warm start"] = {task: warm_res}
+
+    def rarl_branch() -> tuple[Path, dict[int, Any]]:
+        rarl = _timed(times, "rarl", run_rarl, with_model(cfg, warm), run_dir=root / "rarl")
+        return rarl, _timed(times, "eval rarl", run_eval, with_model(cfg, rarl), "rarl", run_dir=root / "rarl")
+
+    t_branches = time.perf_counter()
+    if _spare_cores(cfg):
+        quiet = with_model(cfg, None)
+        quiet.logging.progress_bar = False  # one progress bar on the console: RARL's
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            baseline = pool.submit(_continued_sft, quiet, warm, rl_steps, root)
+            rarl, rarl_res = rarl_branch()
+            more, more_res, more_times = baseline.result()
+    else:
+        more, more_res, more_times = _continued_sft(cfg, warm, rl_steps, root)
+        rarl, rarl_res = rarl_branch()
+    times.update(more_times)
+    times["branches (continued SFT | RARL)"] = round(time.perf_counter() - t_branches, 1)
+    results[f"SFT warm start + {rl_steps} SFT steps"] = {task: more_res}
+    results[f"SFT warm start + RARL ({rl_steps} steps)"] = {task: rarl_res}
     from rarl_fast.tracking import read_metrics
 
     rise = reward_rise(read_metrics(root / "rarl"))

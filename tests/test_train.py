@@ -260,9 +260,12 @@ def test_cli_sft_then_eval_writes_model_and_table(tiny_vlm_dir, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_demo_end_to_end_at_toy_size(tiny_vlm_dir, tmp_path):
+@pytest.mark.parametrize("parallel", [True, False], ids=["branches-in-2-processes", "branches-in-turn"])
+def test_demo_end_to_end_at_toy_size(tiny_vlm_dir, tmp_path, monkeypatch, parallel):
+    from rarl_fast import demo
     from rarl_fast.demo import run_demo
 
+    monkeypatch.setattr(demo, "_spare_cores", lambda cfg: parallel)
     overrides = tiny_overrides(tiny_vlm_dir, tmp_path, **{"sft.steps": 2})
     summary = run_demo(load_config(ROOT / "configs" / "demo_cpu.yaml", overrides))
     root = tmp_path / "run"
