@@ -60,6 +60,10 @@ def test_tiny_model_takes_the_shared_prefix_path(setup):
     _, model, _ = setup
     assert text_parts(model) is not None
     assert text_parts(torch.nn.Linear(2, 2)) is None
+    rotary = model.model.language_model.rotary_emb
+    with pytest.MonkeyPatch.context() as mp:  # mRoPE sections applied inside attention (other transformers)
+        mp.delattr(type(rotary), "recomposition_frequencies")
+        assert text_parts(model) is None
 
 
 @pytest.mark.parametrize("greedy, temperature, top_p", [(False, 1.0, 1.0), (False, 0.7, 0.9), (True, 1.0, 1.0)])

@@ -103,6 +103,9 @@ def text_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
         for layer in text.layers
     ):
         return None
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("mrope_section") and not hasattr(text.rotary_emb, "recomposition_frequencies"):
+        return None  # transformers versions that split mRoPE sections inside attention: not reproduced here
     return text, lm_head
 
 
