@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 from PIL import Image
 
-from rarl_fast.data.prompts import build_messages
 from rarl_fast.model import load_model, load_processor
 from rarl_fast.rollout import GenerationParams, HFEngine, Rollouts, completion_states, make_engine
 from rarl_fast.rollout.policy import logprobs_ref
 from rarl_fast.rollout.sampling import filter_logits
+from tests.helpers.rollout_batch import prompt_batch
 
 G = 4
-
-
-@dataclass(frozen=True)
-class _Group:
-    key: tuple[str, ...]
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +22,7 @@ def setup(tiny_vlm_dir):
     sizes = [(56, 84), (112, 56), (84, 112), (56, 56)]
     images = [Image.new("RGB", s, (40 * i, 200 - 30 * i, 90)) for i, s in enumerate(sizes)]
     per_prompt = [images[:1], images, images[1:3]]
-    texts = [
-        processor.apply_chat_template(
-            build_messages(len(imgs), "age", "an integer from 0 to 116"), add_generation_prompt=True
-        )
-        for imgs in per_prompt
-    ]
-    enc = processor(text=texts, images=per_prompt, return_tensors="pt", padding=True)
-    enc["groups"] = [_Group(key=(f"s{i}", f"t{i}")) for i in range(3)]
+    enc = prompt_batch(processor, per_prompt, [(f"s{i}", f"t{i}") for i in range(3)])
     return processor, model, enc
 
 

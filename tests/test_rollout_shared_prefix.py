@@ -3,16 +3,14 @@ transformers decode loop samples."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 from PIL import Image
 
-from rarl_fast.data.prompts import build_messages
 from rarl_fast.model import load_model, load_processor
 from rarl_fast.rollout import GenerationParams, HFEngine
 from rarl_fast.rollout.shared_prefix import shared_prefix_attention, shared_prefix_attention_ref, text_parts
+from tests.helpers.rollout_batch import prompt_batch
 
 
 @pytest.mark.parametrize(
@@ -35,11 +33,6 @@ def test_attention_matches_ordinary_attention_with_left_padding(B, G, kvh, n_rep
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@dataclass(frozen=True)
-class _Group:
-    key: tuple[str, ...]
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_vlm_dir):
     processor = load_processor(tiny_vlm_dir)
@@ -47,12 +40,7 @@ def setup(tiny_vlm_dir):
     sizes = [(56, 84), (112, 56), (84, 112)]
     images = [Image.new("RGB", s, (50 * i, 180 - 40 * i, 70)) for i, s in enumerate(sizes)]
     per_prompt = [images[:1], images, images[1:2]]
-    texts = [
-        processor.apply_chat_template(build_messages(len(imgs), "age", "an integer"), add_generation_prompt=True)
-        for imgs in per_prompt
-    ]
-    enc = processor(text=texts, images=per_prompt, return_tensors="pt", padding=True)
-    enc["groups"] = [_Group(key=(f"k{i}",)) for i in range(3)]
+    enc = prompt_batch(processor, per_prompt, [(f"k{i}",) for i in range(3)])
     return processor, model, enc
 
 
