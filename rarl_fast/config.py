@@ -379,7 +379,11 @@ class OptimConfig:
     warmup_ratio: float = 0.03
     """Linear warmup as a fraction of a stage's steps, then cosine decay to 0."""
     micro_batch_size: int = 8
-    """Sequences per forward/backward; gradients accumulate over the rollout batch."""
+    """At most this many sequences per forward/backward; gradients accumulate over the rollout batch."""
+    micro_batch_tokens: int | None = None
+    """Also at most this many padded tokens (rows x (longest prompt + longest completion)) per micro-batch;
+    None: rows only. Either way rows are ordered by length and each micro-batch is cut to its own longest
+    prompt and completion, so short rows do not pay for the padding of long ones."""
     update_epochs: int = 1
     """mu: policy-update epochs per rollout batch (with 1, logp_old = logp.detach())."""
     max_nonfinite_steps: int = 3
@@ -394,6 +398,7 @@ class OptimConfig:
         _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        _check(self.micro_batch_tokens is None or self.micro_batch_tokens >= 1, "micro_batch_tokens", "must be >= 1")
         _check(self.update_epochs >= 1, "update_epochs", "must be >= 1")
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
 
@@ -409,10 +414,18 @@ class SFTConfig:
     prompts_per_step: int | None = None
     """Groups per SFT step (summed over ranks); None takes ``rollout.prompts_per_step``. One SFT group costs a
     forward/backward of one answer, an RL group G sampled answers, so SFT can afford larger batches."""
+    micro_batch_size: int | None = None
+    """Rows per SFT forward/backward; None takes ``optim.micro_batch_size``."""
+    micro_batch_tokens: int | None = None
+    """Padded-token budget of an SFT micro-batch; None takes ``optim.micro_batch_tokens``. An SFT batch holds
+    one row per group, so mixed N share a micro-batch; a budget splits it by length (RL micro-batches hold G
+    rows of one prompt, which are alike already)."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
         _check(self.prompts_per_step is None or self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+        _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        _check(self.micro_batch_tokens is None or self.micro_batch_tokens >= 1, "micro_batch_tokens", "must be >= 1")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(bool(self.group_mix) and all(w >= 0 for w in self.group_mix.values()), "group_mix", "needs weights >= 0")
         _check(sum(self.group_mix.values()) > 0, "group_mix", "weights must not all be 0")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from rarl_fast.rl.rmo import gt_answer
-from rarl_fast.rollout.base import Rollouts
+from rarl_fast.rollout.base import Rollouts, plan_micro_batches
 from rarl_fast.rollout.sampling import stable_seed
 from rarl_fast.runtime import Runtime, lr_at
 from rarl_fast.tracking import MetricsLogger
@@ -63,15 +63,13 @@ def sft_step(rt: Runtime, groups: list[Any], lr: float) -> dict[str, float]:
     total_tokens = acc.reduce(ro.completion_mask.sum().float(), reduction="sum")
     for g in rt.optimizer.param_groups:
         g["lr"] = lr
-    micro = [
-        list(range(i, min(i + c.optim.micro_batch_size, ro.num_rows)))
-        for i in range(0, ro.num_rows, c.optim.micro_batch_size)
-    ]
+    max_rows = c.sft.micro_batch_size or c.optim.micro_batch_size
+    micro = plan_micro_batches(ro, max_rows, c.sft.micro_batch_tokens or c.optim.micro_batch_tokens)
     loss_sum = torch.zeros((), device=rt.device)
     for i, rows in enumerate(micro):
         sync = i == len(micro) - 1
         with nullcontext() if sync else acc.no_sync(rt.policy), acc.autocast():
-            nll, _ = rt.policy(ro.select(rows), mode="nll")
+            nll, _ = rt.policy(ro.select(rows).trimmed(), mode="nll")
             loss = nll / total_tokens.clamp(min=1) * acc.num_processes  # DDP averages over ranks
             acc.backward(loss)
         loss_sum = loss_sum + loss.detach()

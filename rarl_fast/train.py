@@ -28,7 +28,7 @@ from rarl_fast.rl.advantages import group_advantages, group_std
 from rarl_fast.rl.loss import StepCounts
 from rarl_fast.rl.rmo import BestCache, mutate_responses
 from rarl_fast.rl.splice import completion_texts, splice_references
-from rarl_fast.rollout.base import Rollouts
+from rarl_fast.rollout.base import Rollouts, plan_micro_batches
 from rarl_fast.rollout.sampling import stable_seed
 from rarl_fast.runtime import Runtime, build_runtime, check_completion_budget, lr_at
 from rarl_fast.tracking import MetricsLogger, truncate_metrics
@@ -149,10 +149,6 @@ def advantages(rt: Runtime, rewards: Tensor) -> Tensor:
     return group_advantages(rewards, scale_by_std=rt.cfg.loss.scale_by_std, unbiased=rt.cfg.loss.std_unbiased)
 
 
-def _micro_batches(rows: int, size: int) -> list[list[int]]:
-    return [list(range(i, min(i + size, rows))) for i in range(0, rows, size)]
-
-
 def update_policy(rt: Runtime, st: StageState, ro: Rollouts, adv: Tensor) -> dict[str, Any]:
     """``optim.update_epochs`` optimizer steps on this rollout batch: micro-batches with gradient accumulation,
     loss normalized by the global token/row count, grad-norm clipping, non-finite steps skipped and counted."""
@@ -161,8 +157,8 @@ def update_policy(rt: Runtime, st: StageState, ro: Rollouts, adv: Tensor) -> dic
     sizes = torch.tensor([float(ro.completion_mask.sum()), float(ro.num_rows)], device=rt.device)
     sizes = acc.reduce(sizes, reduction="sum")
     counts = StepCounts(tokens=int(sizes[0]), rows=int(sizes[1]), world_size=acc.num_processes)  # host sync: sizes
-    micro = _micro_batches(ro.num_rows, c.optim.micro_batch_size)
-    parts = [ro.select(rows) for rows in micro]
+    micro = plan_micro_batches(ro, c.optim.micro_batch_size, c.optim.micro_batch_tokens)
+    parts = [ro.select(rows).trimmed() for rows in micro]
     refs = [rt.reference_logprobs(p) for p in parts]
     olds: list[Tensor | None] = [None] * len(parts)
     if c.optim.update_epochs > 1:  # logp_old from the policy itself, before any update (mutated rows too)

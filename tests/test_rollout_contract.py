@@ -8,6 +8,7 @@ from PIL import Image
 
 from rarl_fast.model import load_model, load_processor
 from rarl_fast.rollout import GenerationParams, HFEngine, Rollouts, completion_states, make_engine
+from rarl_fast.rollout.base import plan_micro_batches
 from rarl_fast.rollout.policy import logprobs_ref
 from rarl_fast.rollout.sampling import filter_logits
 from tests.helpers.rollout_batch import prompt_batch
@@ -141,6 +142,41 @@ def test_rescore_of_a_row_subset_matches(setup):
     only_second = ro.select([4, 5])
     assert only_second.images_per_prompt.tolist() == [4] and only_second.image_grid_thw.shape[0] == 4
     assert only_second.pixel_values.shape[0] == int(only_second.image_grid_thw.prod(dim=1).sum())
+
+
+def test_length_planned_trimmed_micro_batches_rescore_the_same(setup):
+    _, model, enc = setup
+    ro = _engine(setup).generate(enc, G, _params())
+    prompt_len = ro.prompt_mask.sum(dim=1)
+    longest = int(prompt_len.max() + ro.completion_lengths().max())
+    plans = {
+        "rows": plan_micro_batches(ro, max_rows=3),
+        "tokens": plan_micro_batches(ro, max_rows=G, max_tokens=2 * longest),
+        "row each": plan_micro_batches(ro, max_rows=G, max_tokens=1),
+    }
+    assert [len(b) for b in plans["rows"]] == [3, 3, 3, 3]
+    assert len(plans["row each"]) == ro.num_rows
+    by_length = sorted(range(ro.num_prompts), key=lambda b: -int(prompt_len[b * G]))
+    assert [int(ro.group_index[b[0]]) for b in plans["tokens"][::2]] == by_length  # longest prompts first
+    with torch.no_grad():
+        full = logprobs_ref(completion_states(model, ro), model.lm_head)
+    for name, plan in plans.items():
+        rows = sorted(r for b in plan for r in b)
+        assert rows == list(range(ro.num_rows)), name  # every row exactly once
+        for b in plan:
+            part = ro.select(b).trimmed()
+            cost = len(b) * (part.prompt_ids.shape[1] + part.completion_ids.shape[1])
+            assert name != "tokens" or cost <= 2 * longest, (name, b)
+            assert part.prompt_mask[:, 0].any()  # no all-padding column (a vision-cut row may have no tokens)
+            assert part.completion_mask[:, -1].any() or part.completion_ids.shape[1] == 1
+            assert torch.equal(part.prompt_mask.sum(dim=1), prompt_len[b])
+            with torch.no_grad():
+                logp = logprobs_ref(completion_states(model, part), model.lm_head)
+            T = part.completion_ids.shape[1]
+            assert torch.allclose(logp, full[b][:, :T], atol=1e-5), (name, b)
+            assert (full[b][:, T:] == 0).all()
+    with pytest.raises(ValueError, match="max_rows"):
+        plan_micro_batches(ro, max_rows=0)
 
 
 def test_greedy_equals_transformers_generate(setup):

@@ -98,6 +98,44 @@ def test_full_tiny_run_with_rmo(tiny_vlm_dir, tmp_path):
     assert all(torch.equal(reloaded[k], final[k]) for k in final)
 
 
+class _GradRecorder:
+    """Stands in for the optimizer: ``step`` keeps a copy of the gradients instead of applying them."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params, self.param_groups, self.grads = params, [{"lr": 0.0}], []
+
+    def step(self) -> None:
+        self.grads.append(torch.cat([p.grad.flatten() for p in self.params]))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def test_micro_batch_split_does_not_change_the_gradient(tiny_vlm_dir, tmp_path):
+    """One micro-batch per rollout batch vs length-ordered, trimmed micro-batches down to one row each."""
+    from rarl_fast.runtime import build_runtime
+    from rarl_fast.train import advantages, make_stage, rollout, score_rollouts, update_policy
+
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", tiny_overrides(tiny_vlm_dir, tmp_path))
+    rt = build_runtime(cfg, train=True)
+    st = make_stage(rt, "stage2")
+    groups = st.sampler.next_batch()
+    ro = rollout(rt, groups, seed=5)
+    rewards = score_rollouts(rt, ro, groups, st.alpha, st.beta).total.view(len(groups), -1)
+    adv = advantages(rt, rewards) + torch.linspace(-1, 1, ro.num_rows).view_as(rewards)  # no all-zero rows
+    assert ro.prompt_mask.sum(dim=1).unique().numel() > 1  # prompts of different lengths: trimming matters
+    params = [p for p in rt.policy.parameters() if p.requires_grad]
+    rt.optimizer = _GradRecorder(params)
+    for rows, tokens in ((ro.num_rows, None), (3, None), (ro.num_rows, 1)):
+        rt.cfg.optim.micro_batch_size, rt.cfg.optim.micro_batch_tokens = rows, tokens
+        update_policy(rt, st, ro, adv)
+    whole, *splits = rt.optimizer.grads
+    assert whole.abs().max() > 0
+    for g in splits:
+        assert torch.allclose(g, whole, rtol=1e-5, atol=1e-7), float((g - whole).abs().max())
+
+
 def test_completion_budget_is_checked(tiny_vlm_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"rollout\.max_new_tokens"):
         _run_inprocess(tiny_vlm_dir, tmp_path, **{"rollout.max_new_tokens": 20})

@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["GenerationParams", "RolloutEngine", "Rollouts", "image_slices"]
+__all__ = ["GenerationParams", "RolloutEngine", "Rollouts", "image_slices", "plan_micro_batches"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,27 @@ class Rollouts:
         }
         return Rollouts(**moved)
 
+    def trimmed(self) -> Rollouts:
+        """The same rows without the prompt columns that are padding in every row (left) and the completion
+        columns past every row's last token (right): what a micro-batch of short rows needs to compute."""
+        real_prompt = self.prompt_mask.bool().any(dim=0)
+        real_completion = self.completion_mask.any(dim=0)
+        start = int(real_prompt.int().argmax()) if bool(real_prompt.any()) else self.prompt_ids.shape[1]
+        end = int(real_completion.nonzero().max()) + 1 if bool(real_completion.any()) else 0  # host sync: shapes
+        end = max(end, 1)  # keep one column so that shapes stay valid for empty completions
+
+        def cols(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[:, :end]
+
+        return replace(
+            self,
+            prompt_ids=self.prompt_ids[:, start:],
+            prompt_mask=self.prompt_mask[:, start:],
+            completion_ids=self.completion_ids[:, :end],
+            completion_mask=self.completion_mask[:, :end],
+            sampling_logp=cols(self.sampling_logp),
+        )
+
     def completion_lengths(self) -> Tensor:
         """[R] number of completion tokens per row."""
         return self.completion_mask.sum(dim=1)
@@ -105,6 +126,38 @@ class Rollouts:
             image_grid_thw=grid,
             images_per_prompt=self.images_per_prompt[prompts],
         )
+
+
+def plan_micro_batches(rollouts: Rollouts, max_rows: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Rows of ``rollouts`` split into micro-batches of similar length (for :meth:`Rollouts.select` +
+    :meth:`Rollouts.trimmed`).
+
+    Rows are ordered by prompt length (longest first), keeping each prompt's rows together so that its images
+    are encoded once, then by completion length; consecutive rows are packed while a micro-batch has at most
+    ``max_rows`` rows and, when ``max_tokens`` is given, at most that many padded tokens (rows x (longest
+    prompt + longest completion)); a row longer than the budget gets a micro-batch of its own. Every row
+    appears exactly once; the gradient of a token-normalized loss does not depend on the split.
+    """
+    if max_rows < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError(f"max_rows and max_tokens must be >= 1, got {max_rows} and {max_tokens}")
+    prompt = rollouts.prompt_mask.sum(dim=1).tolist()  # host sync: small per-row metadata
+    completion = rollouts.completion_mask.sum(dim=1).tolist()
+    group = rollouts.group_index.tolist()
+    order = sorted(range(len(prompt)), key=lambda r: (-prompt[r], group[r], -completion[r], r))
+    batches: list[list[int]] = []
+    rows: list[int] = []
+    longest_p = longest_c = 0
+    for r in order:
+        p, c = max(longest_p, prompt[r]), max(longest_c, completion[r])
+        fits = len(rows) < max_rows and (max_tokens is None or (len(rows) + 1) * (p + c) <= max_tokens)
+        if rows and not fits:
+            batches.append(rows)
+            rows, p, c = [], prompt[r], completion[r]
+        rows.append(r)
+        longest_p, longest_c = p, c
+    if rows:
+        batches.append(rows)
+    return batches
 
 
 def image_slices(images_per_prompt: Tensor, image_grid_thw: Tensor) -> tuple[list[slice], list[slice]]:
