@@ -21,7 +21,7 @@ from typing import Any
 
 from rarl_fast.config import Config, dump_config
 
-__all__ = ["reward_rise", "run_demo"]
+__all__ = ["paired_tau_gap", "reward_rise", "run_demo"]
 
 
 def reward_rise(rows: list[dict[str, Any]], *, key: str = "reward/total", frac: float = 0.2) -> dict[int, dict]:
@@ -51,6 +51,57 @@ def reward_rise(rows: list[dict[str, Any]], *, key: str = "reward/total", frac: 
             "rises": bool(diff > 2 * se),
         }
     return out
+
+
+def paired_tau_gap(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> dict[str, Any]:
+    """Model A minus model B on the mean of the N >= 2 Kendall-tau columns, paired over the shared test groups.
+
+    ``rows_*`` are eval JSONL lines (``n``, ``key``, ``truth``, ``response``) of two models on the same fixed test
+    groups. Per N: the mean per-group tau difference and its standard error; over the columns: the difference
+    of the column means with SE = sqrt(sum of the column SE^2) / columns. ``verdict`` is ``ahead`` / ``behind``
+    when the gap exceeds 2 SE, else ``within test-set noise`` (seed noise comes on top: compare seeds too).
+    """
+    import statistics
+
+    from rarl_fast.metrics import group_kendall
+
+    def taus(rows: list[dict[str, Any]], n: int) -> dict[str, float]:
+        sel = [r for r in rows if int(r["n"]) == n]
+        tau, _ = group_kendall([r["response"] for r in sel], [r["truth"] for r in sel])
+        return {json.dumps(r["key"]): float(t) for r, t in zip(sel, tau)}
+
+    per_n: dict[str, dict[str, float]] = {}
+    for n in sorted({int(r["n"]) for r in rows_a if int(r["n"]) >= 2}):
+        a, b = taus(rows_a, n), taus(rows_b, n)
+        if set(a) != set(b) or len(a) < 2:
+            raise ValueError(f"N={n}: the two evaluations do not cover the same test groups (>= 2 needed)")
+        diff = [a[k] - b[k] for k in sorted(a)]
+        per_n[str(n)] = {
+            "a": statistics.fmean(a.values()),
+            "b": statistics.fmean(b.values()),
+            "diff": statistics.fmean(diff),
+            "se": statistics.stdev(diff) / len(diff) ** 0.5,
+            "groups": len(diff),
+        }
+    if not per_n:
+        raise ValueError("no N >= 2 rows to compare")
+    cols = list(per_n.values())
+    gap = statistics.fmean(c["diff"] for c in cols)
+    se = sum(c["se"] ** 2 for c in cols) ** 0.5 / len(cols)
+    verdict = "ahead" if gap > 2 * se else "behind" if gap < -2 * se else "within test-set noise"
+    return {
+        "a": statistics.fmean(c["a"] for c in cols),
+        "b": statistics.fmean(c["b"] for c in cols),
+        "diff": gap,
+        "se": se,
+        "verdict": verdict,
+        "per_n": per_n,
+    }
+
+
+def _eval_rows(run_dir: Path, name: str) -> list[dict[str, Any]]:
+    with (run_dir / "eval" / f"{name}.jsonl").open() as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _timed(times: dict[str, float], name: str, fn, *args, **kw):
@@ -132,6 +183,7 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     from rarl_fast.tracking import read_metrics
 
     rise = reward_rise(read_metrics(root / "rarl"))
+    gap = paired_tau_gap(_eval_rows(root / "rarl", "rarl"), _eval_rows(root / "sft_continued", "sft_continued"))
     table = write_table(results, root, cfg.data.group_sizes)
     curves = {name: str(plot_run(root / name)) for name in ("sft_warm", "sft_continued", "rarl")}
     times["total"] = round(time.perf_counter() - t_all, 1)
@@ -141,6 +193,7 @@ def run_demo(cfg: Config) -> dict[str, Any]:
         "curves": curves,
         "models": {"sft_warm": str(warm), "sft_continued": str(more), "rarl": str(rarl)},
         "reward_rise": {str(stage): r for stage, r in rise.items()},
+        "rarl_vs_sft_continued": gap,  # a = RARL, b = continued SFT: mean of the N >= 2 tau columns, paired
         "results": {
             model: {
                 str(n): {"metric": c.name, "value": c.value, "failure_rate": c.failure_rate}
@@ -158,5 +211,9 @@ def run_demo(cfg: Config) -> dict[str, Any]:
                 f"{r['last']:.3f} (diff {r['last'] - r['first']:+.3f}, 2 SE = {2 * r['se']:.3f}): "
                 + ("rises" if r["rises"] else "does NOT rise by more than 2 SE")
             )
+    print(
+        f"[demo] mean N>=2 tau: RARL {gap['a']:.3f} vs continued SFT {gap['b']:.3f} (diff {gap['diff']:+.3f}, "
+        f"paired SE over the test groups {gap['se']:.3f}): RARL {gap['verdict']}"
+    )
     print(f"[demo] total {times['total']} s; table {root / 'results.md'}; curves {', '.join(curves.values())}")
     return summary

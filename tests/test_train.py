@@ -316,6 +316,9 @@ def test_demo_end_to_end_at_toy_size(tiny_vlm_dir, tmp_path, monkeypatch, parall
     assert set(summary["reward_rise"]) == {"1", "2"}  # 2 steps per stage: too few for a verdict
     assert all(r == {"steps": 2, "rises": None} for r in summary["reward_rise"].values())
     assert json.loads((root / "demo_summary.json").read_text())["wall_seconds"]["total"] > 0
+    gap = summary["rarl_vs_sft_continued"]
+    assert set(gap["per_n"]) == {"2"} and gap["per_n"]["2"]["groups"] == 2  # data.num_test_groups
+    assert gap["verdict"] in {"ahead", "behind", "within test-set noise"}
 
 
 def test_reward_rise_verdicts():
@@ -329,3 +332,29 @@ def test_reward_rise_verdicts():
     # first two steps 0.09, 0.21; last two 0.89, 1.01: variance 0.0072 each, SE = sqrt(0.0072 / 2 + 0.0072 / 2)
     assert out[2]["first"] == pytest.approx(0.15) and out[2]["last"] == pytest.approx(0.95)
     assert out[2]["se"] == pytest.approx(0.0072**0.5) and out[2]["rises"]
+
+
+def _answer(ids: list[int]) -> str:
+    return "<think>t</think> <answer>" + json.dumps([{"image_id": i, "value": 1} for i in ids]) + "</answer>"
+
+
+def test_paired_tau_gap():
+    from rarl_fast.demo import paired_tau_gap
+
+    truth = [1.0, 2.0]  # image 1 below image 2: the right order is [1, 2]
+    keys = [[f"s{g}", f"t{g}"] for g in range(8)]
+    right = [{"n": 2, "key": k, "truth": truth, "response": _answer([1, 2])} for k in keys]
+    # B: reversed (tau -1) on groups 0-3, repeats an id (a failure, tau 0) on 4-5, right on 6-7
+    answers_b = [[2, 1]] * 4 + [[1, 1]] * 2 + [[1, 2]] * 2
+    other = [{"n": 2, "key": k, "truth": truth, "response": _answer(a)} for k, a in zip(keys, answers_b)]
+    singles = [{"n": 1, "key": ["x"], "truth": [3.0], "response": _answer([1])}]  # N = 1 is not a tau column
+    out = paired_tau_gap(right + singles, list(reversed(other)) + singles)  # rows are matched by key, not order
+    assert out["a"] == pytest.approx(1.0) and out["b"] == pytest.approx((-4 + 2) / 8)
+    diffs = [2.0] * 4 + [1.0] * 2 + [0.0] * 2
+    mean = sum(diffs) / 8
+    se = (sum((d - mean) ** 2 for d in diffs) / 7 / 8) ** 0.5
+    assert out["diff"] == pytest.approx(1.25) and out["se"] == pytest.approx(se) and out["verdict"] == "ahead"
+    assert paired_tau_gap(other, right)["verdict"] == "behind"
+    assert paired_tau_gap(right, right)["verdict"] == "within test-set noise"
+    with pytest.raises(ValueError, match="same test groups"):
+        paired_tau_gap(right, other[:-1])
