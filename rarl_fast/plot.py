@@ -35,9 +35,12 @@ DEFAULT_KEYS = (
 _W, _H, _PAD = 420, 240, 40
 
 
-def _moving_average(values: Sequence[float], window: int) -> list[float]:
+def _moving_average(values: Sequence[float], window: int, restart: Sequence[bool] = ()) -> list[float]:
+    """Trailing mean over ``window`` values; it starts afresh where ``restart`` is True (a new stage)."""
     out, acc = [], []
-    for v in values:
+    for i, v in enumerate(values):
+        if i < len(restart) and restart[i]:
+            acc = []
         acc.append(v)
         if len(acc) > window:
             acc.pop(0)
@@ -73,7 +76,7 @@ def _panel(draw: Any, box: tuple[int, int], title: str, xs: list[int], ys: list[
     draw.text((right - 30, bottom + 6), f"{xmax}", fill=(90, 90, 90), font=font)
     if len(xs) > 1:
         draw.line([pt(x, y) for x, y in zip(xs, ys)], fill=(150, 180, 230), width=1)
-        smooth = _moving_average(ys, max(1, len(ys) // 10))
+        smooth = _moving_average(ys, max(1, len(ys) // 10), [x in marks for x in xs])
         draw.line([pt(x, y) for x, y in zip(xs, smooth)], fill=(20, 70, 170), width=3)
     else:
         x, y = pt(xs[0], ys[0])

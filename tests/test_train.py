@@ -358,3 +358,11 @@ def test_paired_tau_gap():
     assert paired_tau_gap(right, right)["verdict"] == "within test-set noise"
     with pytest.raises(ValueError, match="same test groups"):
         paired_tau_gap(right, other[:-1])
+
+
+def test_curve_smoothing_restarts_at_a_stage_change():
+    from rarl_fast.plot import _moving_average
+
+    values = [1.0, 1.0, 1.0, 5.0, 5.0]
+    assert _moving_average(values, 3) == pytest.approx([1, 1, 1, 7 / 3, 11 / 3])
+    assert _moving_average(values, 3, [False, False, False, True, False]) == pytest.approx([1, 1, 1, 5, 5])
