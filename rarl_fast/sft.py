@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from rarl_fast.rl.rmo import gt_answer
-from rarl_fast.rollout.base import Rollouts, plan_micro_batches
+from rarl_fast.rollout.base import Rollouts
 from rarl_fast.rollout.sampling import stable_seed
 from rarl_fast.runtime import Runtime, lr_at
 from rarl_fast.tracking import MetricsLogger
@@ -64,7 +64,7 @@ def sft_step(rt: Runtime, groups: list[Any], lr: float) -> dict[str, float]:
     for g in rt.optimizer.param_groups:
         g["lr"] = lr
     max_rows = c.sft.micro_batch_size or c.optim.micro_batch_size
-    micro = plan_micro_batches(ro, max_rows, c.sft.micro_batch_tokens or c.optim.micro_batch_tokens)
+    micro = rt.micro_batches(ro, max_rows, c.sft.micro_batch_tokens or c.optim.micro_batch_tokens)
     loss_sum = torch.zeros((), device=rt.device)
     for i, rows in enumerate(micro):
         sync = i == len(micro) - 1

@@ -28,7 +28,7 @@ from rarl_fast.rl.advantages import group_advantages, group_std
 from rarl_fast.rl.loss import StepCounts
 from rarl_fast.rl.rmo import BestCache, mutate_responses
 from rarl_fast.rl.splice import completion_texts, splice_references
-from rarl_fast.rollout.base import Rollouts, plan_micro_batches
+from rarl_fast.rollout.base import Rollouts
 from rarl_fast.rollout.sampling import stable_seed
 from rarl_fast.runtime import Runtime, build_runtime, check_completion_budget, lr_at
 from rarl_fast.tracking import MetricsLogger, truncate_metrics
@@ -157,7 +157,7 @@ def update_policy(rt: Runtime, st: StageState, ro: Rollouts, adv: Tensor) -> dic
     sizes = torch.tensor([float(ro.completion_mask.sum()), float(ro.num_rows)], device=rt.device)
     sizes = acc.reduce(sizes, reduction="sum")
     counts = StepCounts(tokens=int(sizes[0]), rows=int(sizes[1]), world_size=acc.num_processes)  # host sync: sizes
-    micro = plan_micro_batches(ro, c.optim.micro_batch_size, c.optim.micro_batch_tokens)
+    micro = rt.micro_batches(ro, c.optim.micro_batch_size, c.optim.micro_batch_tokens)
     parts = [ro.select(rows).trimmed() for rows in micro]
     refs = [rt.reference_logprobs(p) for p in parts]
     olds: list[Tensor | None] = [None] * len(parts)
