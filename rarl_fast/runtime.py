@@ -15,7 +15,7 @@ import torch
 
 from rarl_fast.config import Config, dump_config
 from rarl_fast.rl.loss import LossSettings, PolicyModule
-from rarl_fast.rollout.base import GenerationParams, plan_micro_batches
+from rarl_fast.rollout.base import GenerationParams, plan_micro_batches, split_to_count
 
 log = logging.getLogger(__name__)
 
@@ -128,21 +128,6 @@ class Runtime:
                 return self.reference(rollouts, mode="logprobs", temperature=self.cfg.rollout.temperature)
             with self.peft_model.disable_adapter():  # LoRA: the reference is the base model
                 return self.policy(rollouts, mode="logprobs", temperature=self.cfg.rollout.temperature)
-
-
-def split_to_count(micro: list[list[int]], count: int) -> list[list[int]]:
-    """``micro`` with its largest micro-batches halved until there are ``count`` of them."""
-    micro = [list(m) for m in micro]
-    while len(micro) < count:
-        i = max(range(len(micro)), key=lambda j: len(micro[j]))
-        if len(micro[i]) < 2:
-            raise RuntimeError(
-                f"this rank has {sum(map(len, micro))} rows, too few for the {count} micro-batches of another "
-                "rank: lower optim.micro_batch_tokens or balance rollout.prompts_per_step across ranks"
-            )
-        half = len(micro[i]) // 2
-        micro[i : i + 1] = [micro[i][:half], micro[i][half:]]
-    return micro
 
 
 def _apply_lora(cfg: Config, model: Any) -> Any:

@@ -157,7 +157,9 @@ def test_length_planned_trimmed_micro_batches_rescore_the_same(setup):
     assert [len(b) for b in plans["rows"]] == [3, 3, 3, 3]
     assert len(plans["row each"]) == ro.num_rows
     by_length = sorted(range(ro.num_prompts), key=lambda b: -int(prompt_len[b * G]))
-    assert [int(ro.group_index[b[0]]) for b in plans["tokens"][::2]] == by_length  # longest prompts first
+    for name, plan in plans.items():  # longest prompts first, each prompt's rows in one run
+        order = [int(ro.group_index[r]) for b in plan for r in b]
+        assert order == [g for g in by_length for _ in range(G)], name
     with torch.no_grad():
         full = logprobs_ref(completion_states(model, ro), model.lm_head)
     for name, plan in plans.items():

@@ -229,7 +229,8 @@ def test_two_process_ddp_matches_one_process(tiny_vlm_dir, tmp_path):
         pytest.fail("accelerate's launcher is not installed beside this python")
     # lr 1e-4 and adam_eps 1e-6: AdamW turns gradient entries that are zero up to rounding into full-size steps;
     # a smaller step and eps keep DDP's summation-order noise (about 1e-7 relative) from being amplified.
-    # a padded-token budget makes the micro-batch count depend on each rank's lengths: ranks agree on the largest
+    # with a padded-token budget each rank plans its micro-batches from its own lengths; the ranks then agree on
+    # the largest count (Runtime.micro_batches gathers it every step)
     same = {"rollout.prompts_per_step": 4, "checkpoint.save_every": 0, "optim.micro_batch_tokens": 500}
     same.update({"stage1.lr": 1e-4, "stage2.lr": 1e-4, "optim.adam_eps": 1e-6})
     overrides = tiny_overrides(tiny_vlm_dir, tmp_path / "one", **same)
@@ -370,7 +371,7 @@ def test_curve_smoothing_restarts_at_a_stage_change():
 
 
 def test_micro_batches_are_split_to_the_count_of_the_busiest_rank():
-    from rarl_fast.runtime import split_to_count
+    from rarl_fast.rollout.base import split_to_count
 
     micro = [[0, 1, 2, 3], [4, 5], [6]]
     assert split_to_count(micro, 3) == micro
@@ -378,3 +379,5 @@ def test_micro_batches_are_split_to_the_count_of_the_busiest_rank():
     assert split_to_count(micro, 5) == [[0], [1], [2, 3], [4, 5], [6]]
     with pytest.raises(RuntimeError, match="too few"):
         split_to_count(micro, 8)
+    with pytest.raises(RuntimeError, match="has 0 rows"):  # a rank without groups
+        split_to_count([], 1)

@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["GenerationParams", "RolloutEngine", "Rollouts", "image_slices", "plan_micro_batches"]
+__all__ = ["GenerationParams", "RolloutEngine", "Rollouts", "image_slices", "plan_micro_batches", "split_to_count"]
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,22 @@ def plan_micro_batches(rollouts: Rollouts, max_rows: int, max_tokens: int | None
     if rows:
         batches.append(rows)
     return batches
+
+
+def split_to_count(micro: list[list[int]], count: int) -> list[list[int]]:
+    """``micro`` with its largest micro-batches halved until there are ``count`` of them (ranks under FSDP or
+    ZeRO must run as many forwards as each other)."""
+    micro = [list(m) for m in micro]
+    while len(micro) < count:
+        i = max(range(len(micro)), key=lambda j: len(micro[j]), default=None)
+        if i is None or len(micro[i]) < 2:
+            raise RuntimeError(
+                f"this rank has {sum(map(len, micro))} rows, too few for the {count} micro-batches of another "
+                "rank: lower optim.micro_batch_tokens or balance rollout.prompts_per_step across ranks"
+            )
+        half = len(micro[i]) // 2
+        micro[i : i + 1] = [micro[i][:half], micro[i][half:]]
+    return micro
 
 
 def image_slices(images_per_prompt: Tensor, image_grid_thw: Tensor) -> tuple[list[slice], list[slice]]:
