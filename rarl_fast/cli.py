@@ -45,9 +45,19 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README demo: tiny VLM, SFT warm start, then RARL (stage 1 + 2) against as many more SFT steps, with
     evaluations, the results table and the curves (see rarl_fast/demo.py)."""
-    from rarl_fast.demo import run_demo
+    import os
+    import subprocess
 
-    run_demo(_load(args))
+    from rarl_fast.demo import demo_processes, launch_command, launched, run_demo
+
+    cfg = _load(args)
+    processes = demo_processes(cfg) if args.processes is None else args.processes
+    if processes > 1 and not launched():
+        argv = ["demo", "--processes", "1", *(["-c", args.config] if args.config else []), *args.overrides]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": str(cfg.cpu_threads or 1)}
+        print(f"[demo] {processes} data-parallel CPU processes under accelerate launch", flush=True)
+        return subprocess.call(launch_command(processes, argv), env=env)
+    run_demo(cfg)
     return 0
 
 
@@ -178,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "data":
             p.add_argument("--out", default=None, help="contact-sheet PNG (default <output_dir>/<run_name>/...)")
             p.add_argument("--per-n", type=int, default=1, help="groups shown per N on the contact sheet")
+        if name == "demo":
+            p.add_argument(
+                "--processes", type=int, default=None,
+                help="data-parallel CPU processes (default: one per cpu_threads cores, started under accelerate "
+                "launch; 1 runs in this process)",
+            )  # fmt: skip
         if name == "make-tiny":
             p.add_argument("out", help="output folder")
             p.add_argument("--seed", type=int, default=0, help="weight seed")

@@ -157,6 +157,9 @@ class ModelConfig:
     """Largest image area after resize: 448*448 gives at most 256 visual tokens per image."""
     tiny_dir: str = "runs/tiny_vlm"
     """Where ``name_or_path: tiny`` builds (or reuses) the tiny VLM."""
+    tiny_layers: int = 2
+    """Decoder layers of the tiny VLM that ``name_or_path: tiny`` builds; a folder built with another count is an
+    error, not silently reused (the demo uses 4 in its own ``tiny_dir``)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Optional LoRA adapter."""
 
@@ -164,6 +167,7 @@ class ModelConfig:
         _check(bool(self.name_or_path), "name_or_path", "must not be empty")
         _check(self.min_pixels >= 28 * 28, "min_pixels", f"must be >= {28 * 28} (one 28x28 merged patch)")
         _check(self.max_pixels >= self.min_pixels, "max_pixels", f"must be >= min_pixels ({self.min_pixels})")
+        _check(self.tiny_layers >= 1, "tiny_layers", "must be >= 1")
 
 
 @dataclass(kw_only=True)

@@ -4,9 +4,15 @@ On the embedded synthetic benchmark with the tiny VLM, on 2 CPU cores:
 1. evaluate the untrained model;
 2. SFT warm start (``sft.steps``), evaluate;
 3. from the warm start, SFT for as many extra steps as RARL takes (stage 1 + stage 2), evaluate;
-4. from the warm start, RARL stage 1 then stage 2, evaluate (3 and 4 in two processes on a CPU machine);
+4. from the warm start, RARL stage 1 then stage 2, evaluate;
 then write the paper-shaped table (rows: untrained, SFT warm start, SFT continued, SFT + RARL), the curves
 (PNG) and ``demo_summary.json`` (wall times, where everything is) into ``<output_dir>/<run_name>/``.
+
+On a CPU-only machine ``rarl-fast demo`` starts itself again under ``accelerate launch`` with one data-parallel
+process per ``cpu_threads`` cores (:func:`demo_processes`, :func:`launch_command`): every step (SFT, RARL,
+evaluation) then splits its groups over the processes, the same global batch as one process. Run under a
+launcher of your own, or with ``--processes 1``, it runs as it is started; with a single process and two
+cores' worth of threads spare, the continued-SFT branch trains in a second process beside RARL instead.
 """
 
 from __future__ import annotations
@@ -21,7 +27,46 @@ from typing import Any
 
 from rarl_fast.config import Config, dump_config
 
-__all__ = ["paired_tau_gap", "reward_rise", "run_demo"]
+__all__ = ["demo_processes", "launch_command", "launched", "paired_tau_gap", "reward_rise", "run_demo"]
+
+
+def launched() -> bool:
+    """True inside a process started by ``accelerate launch`` / torchrun (the launcher sets ``LOCAL_RANK``)."""
+    return "LOCAL_RANK" in os.environ
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def demo_processes(cfg: Config) -> int:
+    """Data-parallel processes for the demo on this machine: 1 with CUDA (one device), under a launcher, or with
+    ``cpu_threads`` unset; else as many processes of ``cpu_threads`` threads as the cores hold, lowered until
+    it divides ``rollout.prompts_per_step`` and ``sft.prompts_per_step`` (groups are the unit of parallelism)."""
+    import torch
+
+    if torch.cuda.is_available() or launched() or not cfg.cpu_threads:
+        return 1
+    n = max(1, _cores() // cfg.cpu_threads)
+    while n > 1 and (cfg.rollout.prompts_per_step % n or cfg.sft.prompts_per_step % n):
+        n -= 1
+    return n
+
+
+def launch_command(processes: int, argv: list[str], *, port: int | None = None) -> list[str]:
+    """``accelerate launch`` of ``python -m rarl_fast.cli <argv>`` with ``processes`` CPU processes (gloo)."""
+    import socket
+    import sys
+
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        "-m", "rarl_fast.cli", *argv,
+    ]  # fmt: skip
 
 
 def reward_rise(rows: list[dict[str, Any]], *, key: str = "reward/total", frac: float = 0.2) -> dict[int, dict]:
@@ -104,11 +149,16 @@ def _eval_rows(run_dir: Path, name: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _timed(times: dict[str, float], name: str, fn, *args, **kw):
     t0 = time.perf_counter()
     out = fn(*args, **kw)
     times[name] = round(time.perf_counter() - t0, 1)
-    print(f"[demo] {name}: {times[name]} s", flush=True)
+    if _main_process():
+        print(f"[demo] {name}: {times[name]} s", flush=True)
     return out
 
 
@@ -125,17 +175,19 @@ def _continued_sft(cfg: Config, warm: Path, steps: int, root: Path) -> tuple[Pat
 
 
 def _spare_cores(cfg: Config) -> bool:
-    """True on a CPU-only machine with cores for two branches of ``cpu_threads`` each."""
+    """True in a single-process run on a CPU-only machine with cores for two branches of ``cpu_threads`` each."""
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return not torch.cuda.is_available() and bool(cfg.cpu_threads) and cores >= 2 * cfg.cpu_threads
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False  # the processes of a launch already share the cores
+    return not torch.cuda.is_available() and bool(cfg.cpu_threads) and _cores() >= 2 * cfg.cpu_threads
 
 
 def run_demo(cfg: Config) -> dict[str, Any]:
-    """Run the demo; returns the summary (also written as JSON).
+    """Run the demo; returns the summary (also written as JSON; ``{}`` on the other ranks of a launch).
 
-    On a CPU machine with the cores for it, the continued-SFT baseline trains in a second process while RARL
+    Under ``accelerate launch`` every rank calls this and each step runs data-parallel. In a single process on
+    a CPU machine with the cores for it, the continued-SFT baseline trains in a second process while RARL
     trains in this one (the two branches only share the warm start); elsewhere they run one after the other.
     """
     from rarl_fast.evaluate import task_name, write_table
@@ -144,18 +196,19 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     from rarl_fast.plot import plot_run
 
     root = Path(cfg.output_dir) / cfg.run_name
-    root.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, root / "config.yaml")
+    main = _main_process()
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, root / "config.yaml")
     times: dict[str, float] = {}
     t_all = time.perf_counter()
-    base = resolve_model_path(cfg.model.name_or_path, cfg.model.tiny_dir)
     rl_steps = sum(s.steps for s in (cfg.stage1, cfg.stage2) if s.enabled)
     results: dict[str, dict[str, dict[int, Any]]] = {}
     task = task_name(cfg)
 
-    untrained = _timed(
-        times, "eval untrained", run_eval, with_model(cfg, base), "untrained", run_dir=root / "untrained"
-    )
+    # the first runtime builds the tiny VLM (main process first), so ranks never race to write it
+    untrained = _timed(times, "eval untrained", run_eval, cfg, "untrained", run_dir=root / "untrained")
+    base = resolve_model_path(cfg.model.name_or_path, cfg.model.tiny_dir, cfg.model.tiny_layers)
     results["untrained"] = {task: untrained}
     warm = _timed(times, "sft warm start", run_sft, with_model(cfg, base), run_dir=root / "sft_warm")
     warm_res = _timed(times, "eval warm start", run_eval, with_model(cfg, warm), "sft_warm", run_dir=root / "sft_warm")
@@ -166,7 +219,8 @@ def run_demo(cfg: Config) -> dict[str, Any]:
         return rarl, _timed(times, "eval rarl", run_eval, with_model(cfg, rarl), "rarl", run_dir=root / "rarl")
 
     t_branches = time.perf_counter()
-    if _spare_cores(cfg):
+    parallel = _spare_cores(cfg)
+    if parallel:
         quiet = with_model(cfg, None)
         quiet.logging.progress_bar = False  # one progress bar on the console: RARL's
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -177,7 +231,10 @@ def run_demo(cfg: Config) -> dict[str, Any]:
         more, more_res, more_times = _continued_sft(cfg, warm, rl_steps, root)
         rarl, rarl_res = rarl_branch()
     times.update(more_times)
-    times["branches (continued SFT | RARL)"] = round(time.perf_counter() - t_branches, 1)
+    branches = "branches (continued SFT | RARL)" if parallel else "branches (continued SFT, then RARL)"
+    times[branches] = round(time.perf_counter() - t_branches, 1)
+    if not main:
+        return {}
     results[f"SFT warm start + {rl_steps} SFT steps"] = {task: more_res}
     results[f"SFT warm start + RARL ({rl_steps} steps)"] = {task: rarl_res}
     from rarl_fast.tracking import read_metrics
@@ -188,6 +245,7 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     curves = {name: str(plot_run(root / name)) for name in ("sft_warm", "sft_continued", "rarl")}
     times["total"] = round(time.perf_counter() - t_all, 1)
     summary = {
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),
         "wall_seconds": times,
         "table": str(root / "results.md"),
         "curves": curves,

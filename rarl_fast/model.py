@@ -192,13 +192,22 @@ def load_processor(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def resolve_model_path(name_or_path: str, tiny_dir: str | Path = "runs/tiny_vlm") -> str:
-    """``tiny`` -> the embedded tiny VLM folder (built on first use); anything else unchanged."""
+def resolve_model_path(name_or_path: str, tiny_dir: str | Path = "runs/tiny_vlm", tiny_layers: int = 2) -> str:
+    """``tiny`` -> the embedded tiny VLM folder with ``tiny_layers`` decoder layers (built on first use); anything
+    else unchanged. A folder already holding a tiny VLM of another depth raises instead of being reused."""
     if name_or_path != "tiny":
         return name_or_path
     tiny_dir = Path(tiny_dir)
-    if not (tiny_dir / "config.json").is_file():
-        make_tiny_vlm(tiny_dir)
+    config = tiny_dir / "config.json"
+    if not config.is_file():
+        make_tiny_vlm(tiny_dir, num_layers=tiny_layers)
+    else:
+        found = json.loads(config.read_text()).get("text_config", {}).get("num_hidden_layers")
+        if found != tiny_layers:
+            raise ValueError(
+                f"{tiny_dir} holds a tiny VLM with {found} decoder layers, the config asks for {tiny_layers} "
+                "(model.tiny_layers): point model.tiny_dir at another folder or delete this one"
+            )
     return str(tiny_dir)
 
 
@@ -257,7 +266,7 @@ def _model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 
 def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrainedModel:
     """The trainable policy as ``cfg`` says (checkpointing, frozen vision tower)."""
-    path = resolve_model_path(cfg.name_or_path, cfg.tiny_dir)
+    path = resolve_model_path(cfg.name_or_path, cfg.tiny_dir, cfg.tiny_layers)
     return load_model(
         path,
         device=device,
@@ -269,7 +278,7 @@ def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrai
 
 def load_reference(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrainedModel:
     """The frozen reference: the same weights as the initial policy, eval mode, no gradients."""
-    path = resolve_model_path(cfg.name_or_path, cfg.tiny_dir)
+    path = resolve_model_path(cfg.name_or_path, cfg.tiny_dir, cfg.tiny_layers)
     return load_model(path, device=device, trainable=False, **_model_kwargs(cfg))
 
 

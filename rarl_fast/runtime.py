@@ -19,7 +19,7 @@ from rarl_fast.rollout.base import GenerationParams, plan_micro_batches, split_t
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Runtime", "build_runtime", "check_completion_budget", "lr_at", "make_accelerator"]
+__all__ = ["Runtime", "balanced_shares", "build_runtime", "check_completion_budget", "lr_at", "make_accelerator"]
 
 
 def make_accelerator(cfg: Config, run_dir: Path, *, trackers: list[str] | None = None):
@@ -119,6 +119,14 @@ class Runtime:
         """This rank's part of a global list (round robin), the unit of data parallelism being the group."""
         return items[self.acc.process_index :: self.acc.num_processes]
 
+    def my_groups(self, groups: list[Any]) -> list[Any]:
+        """This rank's groups of a training batch, balanced by images (:func:`balanced_shares`): the ranks wait
+        for each other at every gradient all-reduce, so one holding the 8-image groups would idle the others."""
+        if self.acc.num_processes == 1:
+            return list(groups)
+        shares = balanced_shares([g.n + 1 for g in groups], self.acc.num_processes)
+        return [groups[i] for i in shares[self.acc.process_index]]
+
     def reference_logprobs(self, rollouts: Any) -> torch.Tensor | None:
         """[R, T] log-probs of the frozen reference (None when the KL term is off)."""
         if self.cfg.loss.beta_kl == 0:
@@ -128,6 +136,32 @@ class Runtime:
                 return self.reference(rollouts, mode="logprobs", temperature=self.cfg.rollout.temperature)
             with self.peft_model.disable_adapter():  # LoRA: the reference is the base model
                 return self.policy(rollouts, mode="logprobs", temperature=self.cfg.rollout.temperature)
+
+
+def balanced_shares(costs: list[float], world: int) -> list[list[int]]:
+    """Indices of ``costs`` split over ``world`` ranks, as many on each as round robin would give (the first
+    ``len % world`` ranks one more), with loads close to even: the costliest first to the least loaded rank that
+    has room (ties: lowest index, lowest rank), then swaps between the most and the least loaded rank while one
+    lowers the larger load. Deterministic (the same on every rank), each index exactly once, lists ascending."""
+    per_rank = [len(costs) // world + (r < len(costs) % world) for r in range(world)]
+    load, shares = [0.0] * world, [[] for _ in range(world)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min((r for r in range(world) if len(shares[r]) < per_rank[r]), key=lambda r: (load[r], r))
+        shares[r].append(i)
+        load[r] += costs[i]
+    for _ in range(4 * len(costs)):
+        hi = max(range(world), key=lambda r: (load[r], -r))
+        lo = min(range(world), key=lambda r: (load[r], r))
+        gap = load[hi] - load[lo]
+        swaps = [(abs(gap / 2 - (costs[i] - costs[j])), i, j) for i in shares[hi] for j in shares[lo]]
+        swaps = [sw for sw in swaps if 0 < costs[sw[1]] - costs[sw[2]] < gap]
+        if not swaps:
+            break
+        _, i, j = min(swaps)
+        shares[hi][shares[hi].index(i)], shares[lo][shares[lo].index(j)] = j, i
+        load[hi] += costs[j] - costs[i]
+        load[lo] += costs[i] - costs[j]
+    return [sorted(s) for s in shares]
 
 
 def _apply_lora(cfg: Config, model: Any) -> Any:
@@ -194,7 +228,7 @@ def build_runtime(cfg: Config, *, train: bool = True, run_dir: Path | None = Non
     torch.manual_seed(cfg.seed)
     m = cfg.model
     with acc.main_process_first():  # the tiny model is built once, by the main process
-        path = resolve_model_path(m.name_or_path, m.tiny_dir)
+        path = resolve_model_path(m.name_or_path, m.tiny_dir, m.tiny_layers)
     processor = load_processor(
         path, min_pixels=m.min_pixels, max_pixels=m.max_pixels, local_files_only=m.local_files_only
     )

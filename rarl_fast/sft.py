@@ -100,7 +100,7 @@ def train_sft(rt: Runtime, *, steps: int, lr: float, mix: dict[int, float], seed
     logger = MetricsLogger(rt.run_dir, rt.acc, total_steps=steps, progress_bar=rt.cfg.logging.progress_bar)
     try:
         for step in range(steps):
-            groups = rt.my_share(sampler.next_batch())
+            groups = rt.my_groups(sampler.next_batch())
             metrics = sft_step(rt, groups, lr_at(step, peak=lr, total=steps, warmup_ratio=o.warmup_ratio))
             logger.log(step + 1, {**metrics, "stage": 0})
     finally:

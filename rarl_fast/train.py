@@ -253,15 +253,27 @@ def reward_metrics(rb: RewardBreakdown, ro: Rollouts, groups: list[Any]) -> dict
 
 
 def reduce_metrics(acc: Any, pairs: dict[str, tuple[Any, Any]]) -> dict[str, Tensor]:
-    """Global means of (sum, count) pairs across ranks (one all-reduce)."""
-    names = sorted(pairs)
+    """Global means of (sum, count) pairs across ranks; a metric with a global count of 0 is left out.
+
+    Ranks may hold different names (``reward_n4/total`` exists only where a 4-image group was drawn), so with
+    several processes the names are gathered first and a rank lacking one adds (0, 0): every rank then reduces
+    the same tensor (a mismatch would abort gloo/NCCL).
+    """
+    names = set(pairs)
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        names = {k for part in gather_object([sorted(names)]) for k in part}
+    names = sorted(names)
     if not names:
         return {}
     stacked = torch.tensor(
-        [[float(torch.as_tensor(pairs[k][0]).detach().double()), float(pairs[k][1])] for k in names], device=acc.device
-    )  # host sync: metric values (logging step)
+        [[float(torch.as_tensor(pairs[k][0]).detach().double()), float(pairs[k][1])] if k in pairs else [0.0, 0.0]
+         for k in names],
+        device=acc.device,
+    )  # fmt: skip  # host sync: metric values (logging step)
     stacked = acc.reduce(stacked, reduction="sum")
-    return {k: stacked[i, 0] / stacked[i, 1].clamp(min=1e-12) for i, k in enumerate(names)}
+    return {k: stacked[i, 0] / stacked[i, 1] for i, k in enumerate(names) if float(stacked[i, 1]) > 0}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -272,7 +284,7 @@ def reduce_metrics(acc: Any, pairs: dict[str, tuple[Any, Any]]) -> dict[str, Ten
 def train_step(rt: Runtime, st: StageState) -> dict[str, Any]:
     """One step: rollout -> score -> mutate -> advantages -> update; returns the local metric pairs."""
     step_seed = stable_seed(rt.cfg.seed, st.name, st.step)
-    groups = rt.my_share(st.sampler.next_batch())
+    groups = rt.my_groups(st.sampler.next_batch())
     t0 = time.perf_counter()
     ro = rollout(rt, groups, step_seed)
     t1 = time.perf_counter()

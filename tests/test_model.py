@@ -126,6 +126,10 @@ def test_resolve_tiny_builds_once(tmp_path: Path):
     assert resolve_model_path("tiny", tmp_path / "t") == path
     assert (Path(path) / "model.safetensors").stat().st_mtime_ns == mtime
     assert resolve_model_path("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
+    with pytest.raises(ValueError, match="2 decoder layers, the config asks for 4"):
+        resolve_model_path("tiny", tmp_path / "t", 4)  # never silently reuse a model of another depth
+    deeper = resolve_model_path("tiny", tmp_path / "t4", 4)
+    assert json.loads((Path(deeper) / "config.json").read_text())["text_config"]["num_hidden_layers"] == 4
 
 
 def test_device_dtype_and_attention_choices():

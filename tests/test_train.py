@@ -323,6 +323,67 @@ def test_demo_end_to_end_at_toy_size(tiny_vlm_dir, tmp_path, monkeypatch, parall
     assert gap["verdict"] in {"ahead", "behind", "within test-set noise"}
 
 
+@pytest.mark.timeout(600)
+def test_demo_starts_itself_data_parallel(tiny_vlm_dir, tmp_path):
+    """`rarl-fast demo` on a CPU machine relaunches itself under `accelerate launch`; every step runs on 2 ranks."""
+    overrides = tiny_overrides(tiny_vlm_dir, tmp_path, **{"sft.steps": 2})
+    cmd = [
+        sys.executable,
+        "-m",
+        "rarl_fast.cli",
+        "demo",
+        "--processes",
+        "2",
+        "-c",
+        str(ROOT / "configs" / "demo_cpu.yaml"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([*cmd, *overrides], env=env, cwd=ROOT, capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "2 data-parallel CPU processes" in done.stdout
+    root = tmp_path / "run"
+    summary = json.loads((root / "demo_summary.json").read_text())
+    assert summary["processes"] == 2
+    assert list(summary["results"]) == [
+        "untrained", "SFT warm start", "SFT warm start + 4 SFT steps", "SFT warm start + RARL (4 steps)"
+    ]  # fmt: skip
+    rows = read_metrics(root / "rarl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows[2:]:  # stage 2: each batch of 2 groups holds one of each N, so each rank owns one N per step
+        # the per-N means are reduced by name across ranks (not by position), the total is their mean
+        assert r["reward/total"] == pytest.approx((r["reward_n1/total"] + r["reward_n2/total"]) / 2, abs=1e-9)
+    assert all("reward/length" not in r and "reward_n2/total" not in r for r in rows[:2])  # stage 1: 1 image only
+    answers = [json.loads(line) for line in (root / "rarl" / "eval" / "rarl.jsonl").read_text().splitlines()]
+    assert (
+        sorted((a["n"], tuple(a["key"])) for a in answers)
+        == sorted(
+            (a["n"], tuple(a["key"])) for a in map(json.loads, (root / "untrained" / "eval" / "untrained.jsonl").open())
+        )
+        and len(answers) == 2 * 2
+    )  # both ranks' answers gathered: every test group once
+
+
+def test_demo_process_count(monkeypatch):
+    from rarl_fast import demo
+
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", [])
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(demo, "_cores", lambda: 2)
+    assert demo.demo_processes(cfg) == 2
+    cfg.cpu_threads = 2
+    assert demo.demo_processes(cfg) == 1  # one process of 2 threads fills the machine
+    cfg.cpu_threads = 1
+    monkeypatch.setattr(demo, "_cores", lambda: 16)
+    cfg.rollout.prompts_per_step, cfg.sft.prompts_per_step = 12, 8
+    assert demo.demo_processes(cfg) == 4  # the largest count that divides both batches of groups
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert demo.demo_processes(cfg) == 1  # already under a launcher
+    cmd = demo.launch_command(2, ["demo", "-c", "x.yaml"], port=29555)
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[-4:] == ["rarl_fast.cli", "demo", "-c", "x.yaml"]
+
+
 def test_reward_rise_verdicts():
     from rarl_fast.demo import reward_rise
 
@@ -381,3 +442,59 @@ def test_micro_batches_are_split_to_the_count_of_the_busiest_rank():
         split_to_count(micro, 8)
     with pytest.raises(RuntimeError, match="has 0 rows"):  # a rank without groups
         split_to_count([], 1)
+
+
+def test_metrics_are_reduced_by_name_across_ranks(monkeypatch):
+    """Ranks holding different metric names (a 4-image group drawn on one rank only) reduce by name: two ranks
+    simulated by two threads exchanging through a barrier, as gather_object / all-reduce would."""
+    import threading
+
+    import accelerate.utils
+
+    from rarl_fast.train import reduce_metrics
+
+    barrier, slots, local = threading.Barrier(2, timeout=30), [None, None], threading.local()
+
+    def exchange(value):
+        slots[local.rank] = value
+        barrier.wait()
+        both = list(slots)
+        barrier.wait()
+        return both
+
+    class Acc:
+        num_processes, device = 2, torch.device("cpu")
+
+        def reduce(self, t, reduction):
+            assert reduction == "sum"
+            a, b = exchange(t)
+            return a + b
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda obj: [x for part in exchange(obj) for x in part])
+    pairs = [
+        {"reward/total": (3.0, 4), "reward_n1/total": (3.0, 4)},
+        {"reward/total": (1.0, 4), "reward_n4/total": (1.0, 4), "reward/length": (0.0, 0)},
+    ]
+    out = [None, None]
+
+    def rank(r):
+        local.rank = r
+        out[r] = {k: float(v) for k, v in reduce_metrics(Acc(), pairs[r]).items()}
+
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join(timeout=30) for t in threads]
+    assert out[0] == out[1] == {"reward/total": 0.5, "reward_n1/total": 0.75, "reward_n4/total": 0.25}
+
+
+def test_balanced_shares_split_the_images_evenly():
+    from rarl_fast.runtime import balanced_shares
+
+    costs = [9, 3, 5, 5, 3, 5, 2, 3]  # images + 1 of one stage-2 batch: N = 8, 2, 4, 4, 2, 4, 1, 2
+    shares = balanced_shares(costs, 2)
+    assert sorted(i for s in shares for i in s) == list(range(8)) and [len(s) for s in shares] == [4, 4]
+    loads = [sum(costs[i] for i in s) for s in shares]
+    assert sorted(loads) == [17, 18]  # round robin (and costliest-first alone) would give 19 and 16
+    assert shares == balanced_shares(costs, 2)  # the same on every rank
+    assert [len(s) for s in balanced_shares([1] * 7, 3)] == [3, 2, 2]  # as many per rank as round robin
+    assert balanced_shares([4, 1], 1) == [[0, 1]]

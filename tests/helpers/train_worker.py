@@ -28,14 +28,14 @@ def main() -> None:
     resume = "--resume" in sys.argv
     overrides = [a for a in sys.argv[2:] if a != "--resume"]
     seen: list[list[list[str]]] = []
-    original = runtime.Runtime.my_share
+    original = runtime.Runtime.my_groups
 
     def recording_share(self, items):
         mine = original(self, items)
         seen.append([list(g.key) for g in mine])
         return mine
 
-    runtime.Runtime.my_share = recording_share
+    runtime.Runtime.my_groups = recording_share
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml", overrides)
     rt = train(cfg, resume=resume)
     rank = rt.acc.process_index
