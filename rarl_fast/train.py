@@ -137,8 +137,8 @@ def mutate(
     chosen = torch.isfinite(ref_r)
     metrics = {
         "rmo/stagnant_after": (after.sum(), len(groups)),
-        "rmo/mutated": (mutated_t.sum().double(), 1),
-        "rmo/mutated_groups": (chosen.sum().double(), 1),
+        "rmo/mutated": (mutated_t.sum().double(), _total(rt)),
+        "rmo/mutated_groups": (chosen.sum().double(), _total(rt)),
         "rmo/ref_reward": (torch.where(chosen, ref_r, 0.0).sum(), chosen.sum()),
     }
     return ro, new_rewards, torch.cat(out_adv).to(rewards.device), metrics
@@ -252,8 +252,15 @@ def reward_metrics(rb: RewardBreakdown, ro: Rollouts, groups: list[Any]) -> dict
     return out
 
 
+def _total(rt: Runtime) -> float:
+    """The count of a (sum, count) pair whose global value is the sum over ranks (a per-step total, not a
+    per-rank mean): 1 on the main process, 0 elsewhere."""
+    return 1.0 if rt.acc.is_main_process else 0.0
+
+
 def reduce_metrics(acc: Any, pairs: dict[str, tuple[Any, Any]]) -> dict[str, Tensor]:
-    """Global means of (sum, count) pairs across ranks; a metric with a global count of 0 is left out.
+    """Global means of (sum, count) pairs across ranks; a metric with a global count of 0 is left out (a count
+    of 1 on the main process only, :func:`_total`, makes the value the sum over ranks).
 
     Ranks may hold different names (``reward_n4/total`` exists only where a 4-image group was drawn), so with
     several processes the names are gathered first and a rank lacking one adds (0, 0): every rank then reduces
@@ -311,7 +318,7 @@ def train_step(rt: Runtime, st: StageState) -> dict[str, Any]:
             "time/rollout_s": (t1 - t0, 1),
             "time/reward_s": (t2 - t1, 1),
             "time/update_s": (t3 - t2, 1),
-            "tokens_per_s": (tokens / max(t3 - t0, 1e-9), 1),
+            "tokens_per_s": (tokens / max(t3 - t0, 1e-9), _total(rt)),  # all ranks together
         }
     )
     return pairs

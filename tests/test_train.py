@@ -472,8 +472,8 @@ def test_metrics_are_reduced_by_name_across_ranks(monkeypatch):
 
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda obj: [x for part in exchange(obj) for x in part])
     pairs = [
-        {"reward/total": (3.0, 4), "reward_n1/total": (3.0, 4)},
-        {"reward/total": (1.0, 4), "reward_n4/total": (1.0, 4), "reward/length": (0.0, 0)},
+        {"reward/total": (3.0, 4), "reward_n1/total": (3.0, 4), "rmo/mutated": (2.0, 1.0)},
+        {"reward/total": (1.0, 4), "reward_n4/total": (1.0, 4), "reward/length": (0.0, 0), "rmo/mutated": (3.0, 0.0)},
     ]
     out = [None, None]
 
@@ -484,7 +484,8 @@ def test_metrics_are_reduced_by_name_across_ranks(monkeypatch):
     threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]
     [t.start() for t in threads]
     [t.join(timeout=30) for t in threads]
-    assert out[0] == out[1] == {"reward/total": 0.5, "reward_n1/total": 0.75, "reward_n4/total": 0.25}
+    expected = {"reward/total": 0.5, "reward_n1/total": 0.75, "reward_n4/total": 0.25, "rmo/mutated": 5.0}
+    assert out[0] == out[1] == expected  # a count only on the main rank sums over ranks (train._total)
 
 
 def test_balanced_shares_split_the_images_evenly():
