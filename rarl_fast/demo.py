@@ -48,7 +48,8 @@ def demo_processes(cfg: Config) -> int:
     if torch.cuda.is_available() or launched() or not cfg.cpu_threads:
         return 1
     n = max(1, _cores() // cfg.cpu_threads)
-    while n > 1 and (cfg.rollout.prompts_per_step % n or cfg.sft.prompts_per_step % n):
+    sft_batch = cfg.sft.prompts_per_step or cfg.rollout.prompts_per_step  # None: SFT takes the rollout's
+    while n > 1 and (cfg.rollout.prompts_per_step % n or sft_batch % n):
         n -= 1
     return n
 

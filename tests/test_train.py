@@ -378,6 +378,8 @@ def test_demo_process_count(monkeypatch):
     monkeypatch.setattr(demo, "_cores", lambda: 16)
     cfg.rollout.prompts_per_step, cfg.sft.prompts_per_step = 12, 8
     assert demo.demo_processes(cfg) == 4  # the largest count that divides both batches of groups
+    cfg.sft.prompts_per_step = None
+    assert demo.demo_processes(cfg) == 12  # SFT then takes the rollout's 12 groups per step
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert demo.demo_processes(cfg) == 1  # already under a launcher
     cmd = demo.launch_command(2, ["demo", "-c", "x.yaml"], port=29555)
