@@ -141,15 +141,16 @@ class Runtime:
 def balanced_shares(costs: list[float], world: int) -> list[list[int]]:
     """Indices of ``costs`` split over ``world`` ranks, as many on each as round robin would give (the first
     ``len % world`` ranks one more), with loads close to even: the costliest first to the least loaded rank that
-    has room (ties: lowest index, lowest rank), then swaps between the most and the least loaded rank while one
-    lowers the larger load. Deterministic (the same on every rank), each index exactly once, lists ascending."""
+    has room (ties: lowest index, lowest rank), then up to 4 * world swaps between the most and the least loaded
+    rank, each lowering the larger load. Deterministic (the same on every rank), each index exactly once, lists
+    ascending."""
     per_rank = [len(costs) // world + (r < len(costs) % world) for r in range(world)]
     load, shares = [0.0] * world, [[] for _ in range(world)]
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         r = min((r for r in range(world) if len(shares[r]) < per_rank[r]), key=lambda r: (load[r], r))
         shares[r].append(i)
         load[r] += costs[i]
-    for _ in range(4 * len(costs)):
+    for _ in range(4 * world):  # bounded: this runs every step
         hi = max(range(world), key=lambda r: (load[r], -r))
         lo = min(range(world), key=lambda r: (load[r], r))
         gap = load[hi] - load[lo]

@@ -351,7 +351,7 @@ def test_demo_starts_itself_data_parallel(tiny_vlm_dir, tmp_path):
     rows = read_metrics(root / "rarl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows[2:]:  # stage 2: each batch of 2 groups holds one of each N, so each rank owns one N per step
-        # the per-N means are reduced by name across ranks (not by position), the total is their mean
+        # both per-N means are logged and the total is their mean (the reduction by name itself is tested below)
         assert r["reward/total"] == pytest.approx((r["reward_n1/total"] + r["reward_n2/total"]) / 2, abs=1e-9)
     assert all("reward/length" not in r and "reward_n2/total" not in r for r in rows[:2])  # stage 1: 1 image only
     answers = [json.loads(line) for line in (root / "rarl" / "eval" / "rarl.jsonl").read_text().splitlines()]
