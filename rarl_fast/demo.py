@@ -154,6 +154,11 @@ def _main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _world_size() -> int:
+    """Processes of the current launch (1 outside a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _timed(times: dict[str, float], name: str, fn, *args, **kw):
     t0 = time.perf_counter()
     out = fn(*args, **kw)
@@ -179,7 +184,7 @@ def _spare_cores(cfg: Config) -> bool:
     """True in a single-process run on a CPU-only machine with cores for two branches of ``cpu_threads`` each."""
     import torch
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _world_size() > 1:
         return False  # the processes of a launch already share the cores
     return not torch.cuda.is_available() and bool(cfg.cpu_threads) and _cores() >= 2 * cfg.cpu_threads
 
@@ -246,7 +251,7 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     curves = {name: str(plot_run(root / name)) for name in ("sft_warm", "sft_continued", "rarl")}
     times["total"] = round(time.perf_counter() - t_all, 1)
     summary = {
-        "processes": int(os.environ.get("WORLD_SIZE", "1")),
+        "processes": _world_size(),
         "wall_seconds": times,
         "table": str(root / "results.md"),
         "curves": curves,
