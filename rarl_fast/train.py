@@ -129,6 +129,8 @@ def mutate(
         mutated.append(res.mutated)
         refs.append(res.ref_texts[0])
         ref_rewards.append(res.ref_rewards)
+    if c.rmo.source == "best" and rt.acc.num_processes > 1:
+        share_best(st.best, [g.key for g in groups])
     new_rewards = torch.cat(out_rewards).to(rewards.device)
     mutated_t = torch.cat(mutated)
     ro = splice_references(ro, mutated_t, refs, rt.tokenizer)
@@ -142,6 +144,15 @@ def mutate(
         "rmo/ref_reward": (torch.where(chosen, ref_r, 0.0).sum(), chosen.sum()),
     }
     return ro, new_rewards, torch.cat(out_adv).to(rewards.device), metrics
+
+
+def share_best(cache: Any, keys: list[Any]) -> None:
+    """Every rank takes the entries the other ranks' groups of this step left in their RMO ``best`` caches, so a
+    group drawn on another rank later still finds its best answer, and the main rank's checkpoint holds them all
+    (a collective: every rank calls it at the same step)."""
+    from accelerate.utils import gather_object
+
+    cache.merge(gather_object(cache.entries(keys)))
 
 
 def advantages(rt: Runtime, rewards: Tensor) -> Tensor:

@@ -490,6 +490,45 @@ def test_metrics_are_reduced_by_name_across_ranks(monkeypatch):
     assert out[0] == out[1] == expected  # a count only on the main rank sums over ranks (train._total)
 
 
+def test_best_answers_are_shared_across_ranks(monkeypatch):
+    """RMO `best` entries found on one rank reach the other (two threads as two ranks): a group drawn on the
+    other rank later finds its best answer, and the main rank's checkpoint holds every rank's entries."""
+    import threading
+
+    import accelerate.utils
+
+    from rarl_fast.rl.rmo import BestCache
+    from rarl_fast.train import share_best
+
+    barrier, slots, local = threading.Barrier(2, timeout=30), [None, None], threading.local()
+
+    def gather(obj):
+        slots[local.rank] = obj
+        barrier.wait()
+        both = [x for part in slots for x in part]
+        barrier.wait()
+        return both
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather)
+    caches = [BestCache(), BestCache()]
+    caches[0].update([(1, 2)], ["a0", "a1"], torch.tensor([[0.2, 0.7]]))
+    caches[0].update([(5, 6)], ["old"], torch.tensor([[0.9]]))  # not drawn this step: stays on rank 0 only
+    caches[1].update([(3, 4)], ["b0", "b1"], torch.tensor([[0.6, 0.1]]))
+    caches[1].update([(1, 2)], ["c0"], torch.tensor([[0.5]]))  # seen earlier on rank 1, worse than rank 0's
+    keys = [[(1, 2)], [(3, 4), (1, 2)]]
+
+    def rank(r):
+        local.rank = r
+        share_best(caches[r], keys[r])
+
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join(timeout=30) for t in threads]
+    for cache in caches:
+        assert cache.get((1, 2)) == ("a1", pytest.approx(0.7)) and cache.get((3, 4)) == ("b0", pytest.approx(0.6))
+    assert caches[0].get((5, 6)) == ("old", pytest.approx(0.9)) and caches[1].get((5, 6)) is None
+
+
 def test_balanced_shares_split_the_images_evenly():
     from rarl_fast.runtime import balanced_shares
 

@@ -100,6 +100,17 @@ class BestCache:
             if old is None or value > old[1]:
                 self._entries[key] = (texts[b * groups + j], float(value))
 
+    def entries(self, keys: Sequence[Sequence[Hashable]]) -> list[tuple[list[Any], str, float]]:
+        """(key, text, reward) for those of `keys` that hold an entry: what one rank sends the others."""
+        return [(list(k), *e) for k in keys if (e := self._entries.get(tuple(k))) is not None]
+
+    def merge(self, entries: Sequence[tuple[Sequence[Hashable], str, float]]) -> None:
+        """Take entries of another cache (another rank's), keeping the higher reward per key."""
+        for key, text, reward in entries:
+            old = self._entries.get(tuple(key))
+            if old is None or float(reward) > old[1]:
+                self._entries[tuple(key)] = (str(text), float(reward))
+
     def state_dict(self) -> dict[str, list[Any]]:
         return {
             "keys": [list(k) for k in self._entries],
