@@ -394,6 +394,10 @@ class OptimConfig:
     """K: this many non-finite losses or gradients in a row stop the run."""
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     """Autocast of forward passes: auto is bf16 on CUDA, none on CPU. Weights and AdamW state stay fp32."""
+    ddp_find_unused_parameters: bool = True
+    """DDP's search for parameters a step leaves without gradient (one more walk of the autograd graph per
+    micro-batch). Every prompt here carries images, so every trainable parameter gets a gradient and False is
+    safe unless a model has branches some batches skip."""
 
     def __post_init__(self) -> None:
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")

@@ -24,8 +24,8 @@ __all__ = ["Runtime", "balanced_shares", "build_runtime", "check_completion_budg
 
 def make_accelerator(cfg: Config, run_dir: Path, *, trackers: list[str] | None = None):
     """accelerate's Accelerator for this machine: CPU when there is no CUDA (gloo for multi-process runs),
-    bf16 autocast on CUDA unless ``optim.mixed_precision`` says otherwise; DDP tolerates unused parameters
-    (a batch without images leaves the vision tower without gradient)."""
+    bf16 autocast on CUDA unless ``optim.mixed_precision`` says otherwise; DDP looks for unused parameters
+    unless ``optim.ddp_find_unused_parameters`` is off."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
@@ -38,7 +38,7 @@ def make_accelerator(cfg: Config, run_dir: Path, *, trackers: list[str] | None =
         mixed_precision=mp,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), automatic_checkpoint_naming=False),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.optim.ddp_find_unused_parameters)],
     )
 
 
