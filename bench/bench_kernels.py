@@ -21,23 +21,19 @@ Rows go to bench/results/kernels.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from _results import append_csv, device_label, git_commit, results_dir
 
 from rarl_kernels import FusedLinearGRPOLoss
 from rarl_kernels.grpo_loss import grpo_loss_ref
 from rarl_kernels.linear_logprobs import fused_linear_logprobs_ref
 
-ROOT = Path(__file__).resolve().parents[1]
-CSV = Path(os.environ.get("RARL_BENCH_OUT") or ROOT / "bench" / "results") / "kernels.csv"
 # name: (B, T, H, V, dtype); N = B * T tokens.
 SHAPES = {
     "toy": (2, 64, 64, 2000, torch.float32),  # gpu_check.sh --dry-run: seconds on a CPU
@@ -164,41 +160,20 @@ def bench_shape(shape, providers, modes, device, reps):
     return rows
 
 
-def git_commit() -> str:
-    if os.environ.get("RARL_COMMIT"):  # the device machine's copy of the tree has no .git
-        return os.environ["RARL_COMMIT"]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "none"
-
-
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu:{platform.processor() or platform.machine()}x{os.cpu_count()}"
-
-
-def write_csv(rows, device):
+def write_csv(rows, device) -> Path:
     import triton
 
-    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=device_name(device),
+    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
+                device=device_label(torch.cuda.get_device_name(device) if device.type == "cuda" else None),
                 torch=torch.__version__, triton=triton.__version__, commit=git_commit())  # fmt: skip
-    CSV.parent.mkdir(parents=True, exist_ok=True)
     fields = [*meta, "shape", "N", "H", "V", "dtype", "provider", "mode", "ms", "peak_mb", "tflops"]
-    new = not CSV.exists()
-    with CSV.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        for r in rows:
-            B, T, H, V, dtype = SHAPES[r["shape"]]
-            fmt = {"ms": f"{r['ms']:.3f}", "peak_mb": f"{r['peak_mb']:.1f}", "tflops": f"{r['tflops']:.3f}"}
-            dt = str(dtype).removeprefix("torch.")
-            writer.writerow({**meta, **r, **fmt, "N": B * T, "H": H, "V": V, "dtype": dt})
+    out = []
+    for r in rows:
+        B, T, H, V, dtype = SHAPES[r["shape"]]
+        fmt = {"ms": f"{r['ms']:.3f}", "peak_mb": f"{r['peak_mb']:.1f}", "tflops": f"{r['tflops']:.3f}"}
+        dt = str(dtype).removeprefix("torch.")
+        out.append({**meta, **r, **fmt, "N": B * T, "H": H, "V": V, "dtype": dt})
+    return append_csv(results_dir() / "kernels.csv", fields, out)
 
 
 def print_table(rows):

@@ -3,7 +3,8 @@
 4096 responses (512 prompts x G = 8) ranking 8 images each, a deterministic mix of valid, partially
 valid and malformed answers over three tasks. The baseline follows METHOD.md sections 2-3 one response
 at a time with `json` and `scipy.stats.kendalltau`; both must agree on every component to 1e-9 before
-anything is timed. Prints responses/s and the ratio, and appends a row to bench/results/rewards.csv.
+anything is timed. Prints responses/s and the ratio, and appends a row to bench/results/rewards.csv
+(or $RARL_BENCH_OUT).
 
     python bench/bench_rewards.py [--groups 512] [--group-size 8] [--images 8] [--repeats 5] [--threads 1] [--no-csv]
 """
@@ -11,7 +12,6 @@ anything is timed. Prints responses/s and the ratio, and appends a row to bench/
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import math
@@ -19,18 +19,17 @@ import os
 import platform
 import random
 import re
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from _results import append_csv, git_commit, results_dir
 from scipy.stats import kendalltau
 
 from rarl_fast.rewards import parse_responses, score
 
-ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("total", "format", "regression", "length", "consistency", "accuracy", "ranking")
 REWARD = {"alpha": 0.5, "beta": 0.5, "lam": 0.2}
 TASKS = [
@@ -219,16 +218,6 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--groups", type=int, default=512)
@@ -278,11 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio ours / baseline: {ratio:.1f}x")
 
     if not args.no_csv:
-        path = ROOT / "bench" / "results" / "rewards.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
         row = {
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "machine": platform.platform(),
             "cpu": _cpu_model(),
             "cpu_count": os.cpu_count(),
@@ -296,13 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             "baseline_per_s": round(base_ps, 1),
             "ratio": round(ratio, 2),
         }
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-        print(f"appended to {path.relative_to(ROOT)}")
+        path = append_csv(results_dir() / "rewards.csv", list(row), [row])
+        print(f"appended to {path}")
     return 0
 
 

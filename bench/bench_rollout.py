@@ -17,16 +17,14 @@ with EOS ignored (both providers decode exactly 160 tokens). ``--scenario toy`` 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import multiprocessing as mp
-import os
-import platform
 import resource
-import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from _results import append_csv, device_label, git_commit, results_dir
 
 SCENARIOS = {
     "bench": dict(
@@ -139,7 +137,7 @@ def main() -> None:
                 r["mem_ratio"] = r["peak_mib"] / base["peak_mib"] if base["peak_mib"] else float("nan")
                 rows.append(r)
 
-    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else (platform.processor() or "cpu")
+    device_name = device_label(torch.cuda.get_device_name(0) if args.device == "cuda" else None)
     print(f"rollout bench: scenario={args.scenario} {json.dumps(sc)} device={device_name}")
     cols = ("images", 6), ("provider", 22), ("wall s", 8), ("prompt tok/s", 13), ("gen tok/s", 10), ("peak MiB", 9)
     print(" ".join(f"{name:>{width}}" for name, width in cols) + f" {'speedup':>8}")
@@ -148,31 +146,24 @@ def main() -> None:
             f"{r['images']:>6} {r['provider']:>22} {r['wall_s']:>8.2f} {r['prompt_tok_per_s']:>13.0f} "
             f"{r['gen_tok_per_s']:>10.0f} {r['peak_mib']:>9.0f} {r['speedup']:>7.2f}x"
         )
-    commit = (
-        os.environ.get("RARL_COMMIT")
-        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    )
-    out_dir = Path(os.environ.get("RARL_BENCH_OUT", "bench/results"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "rollout.csv"
+    commit = git_commit()
     fields = ["date", "commit", "device", "torch", "scenario", "images", "provider", "wall_s", "prompt_tok_per_s",
               "gen_tok_per_s", "peak_mib", "speedup"]  # fmt: skip
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow(
-                {
-                    "date": time.strftime("%Y-%m-%d"),
-                    "commit": commit,
-                    "device": device_name,
-                    "torch": torch.__version__,
-                    "scenario": args.scenario,
-                    **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in fields},
-                }
-            )
+    path = append_csv(
+        results_dir() / "rollout.csv",
+        fields,
+        (
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "commit": commit,
+                "device": device_name,
+                "torch": torch.__version__,
+                "scenario": args.scenario,
+                **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()},
+            }
+            for r in rows
+        ),
+    )
     print(f"appended {len(rows)} rows to {path}")
 
 

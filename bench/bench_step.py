@@ -19,15 +19,13 @@ with 1/2/4/8 images, G samples each, RMO on. Phases timed: rollout, reward (+ RM
 from __future__ import annotations
 
 import argparse
-import csv
 import multiprocessing as mp
-import os
-import platform
 import resource
-import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from _results import append_csv, device_label, git_commit, results_dir
 
 MODELS = {
     "tiny": dict(),
@@ -257,7 +255,7 @@ def main() -> None:
             rows.append(queue.get(timeout=3000))
             proc.join()
     base = next((r for r in rows if r["provider"] == "torch"), rows[0])
-    dev = torch.cuda.get_device_name(0) if args.device == "cuda" else (platform.processor() or "cpu")
+    dev = device_label(torch.cuda.get_device_name(0) if args.device == "cuda" else None)
     depth = "" if args.model == "tiny" else f", text depth {args.layers}"
     print(
         f"step bench: model={args.model}{depth} B={args.prompts} G={args.G} new_tokens={args.new_tokens} device={dev}"
@@ -270,24 +268,16 @@ def main() -> None:
     for r in rows:
         cells = " ".join(f"{r[name]:>{w}{fmt}}" for name, w, fmt in cols)
         print(f"{cells}  {base['update_s'] / r['update_s']:.2f}x")
-    commit = (
-        os.environ.get("RARL_COMMIT")
-        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    )
-    out = Path(os.environ.get("RARL_BENCH_OUT", "bench/results")) / "step.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    commit = git_commit()
     fields = ["date", "commit", "device", "torch", "model", "layers", "B", "G", "new_tokens", "provider", "step_s",
               "rollout_s", "reward_rmo_s", "update_s", "tokens_per_s", "samples_per_s", "peak_mib"]  # fmt: skip
-    new = not out.exists()
-    with out.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({"date": time.strftime("%Y-%m-%d"), "commit": commit, "device": dev, "torch": torch.__version__,
-                        "model": args.model, "layers": args.layers if args.model != "tiny" else 2, "B": args.prompts,
-                        "G": args.G, "new_tokens": args.new_tokens,
-                        **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}})  # fmt: skip
+    out = append_csv(results_dir() / "step.csv", fields, (
+        {"date": time.strftime("%Y-%m-%d"), "commit": commit, "device": dev, "torch": torch.__version__,
+         "model": args.model, "layers": args.layers if args.model != "tiny" else 2, "B": args.prompts,
+         "G": args.G, "new_tokens": args.new_tokens,
+         **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}}
+        for r in rows
+    ))  # fmt: skip
     print(f"appended {len(rows)} rows to {out}")
 
 

@@ -8,15 +8,13 @@ Writes ``gpu_smoke_<slug>.csv`` to $RARL_BENCH_OUT (default bench/results).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _results import append_csv, device_label, git_commit, results_dir
 from PIL import Image
 
 from rarl_fast.data.prompts import build_messages
@@ -72,10 +70,8 @@ def main() -> None:
     slug = os.environ.get("RARL_GPU_SLUG", device.type)
     row = {
         "date": time.strftime("%Y-%m-%d"),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "commit": git_commit(),
+        "device": device_label(torch.cuda.get_device_name(device) if device.type == "cuda" else None),
         "torch": torch.__version__,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "attn": attn,
@@ -85,15 +81,7 @@ def main() -> None:
         "peak_mem_mib": round(peak, 1),
     }
     print(" ".join(f"{k}={v}" for k, v in row.items()))
-    out_dir = Path(os.environ.get("RARL_BENCH_OUT", "bench/results"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / f"gpu_smoke_{slug}.csv"
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    append_csv(results_dir() / f"gpu_smoke_{slug}.csv", list(row), [row])
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def fast_interpreter():
+    """The Triton interpreter checks every int32 op for overflow (~1 ms each); the kernels index in int64 where
+    it matters, so the kernel test modules switch the check off for speed (``pytestmark`` in each)."""
+    try:
+        import triton.runtime.interpreter as ti
+
+        old = ti.interpreter_builder.options
+        ti.interpreter_builder.options = dataclasses.replace(old, sanitize_overflow=False)
+    except (ImportError, AttributeError, TypeError):  # another triton layout: run at the normal speed
+        yield
+        return
+    yield
+    ti.interpreter_builder.options = old
 
 
 @pytest.fixture(scope="session")

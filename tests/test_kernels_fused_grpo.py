@@ -1,8 +1,6 @@
 """fused_linear_grpo_loss and FusedLinearGRPOLoss: Triton kernels (interpreter on CPU), the chunked torch
 path, the plain-torch reference, Liger's LigerFusedLinearGRPOLoss, and the memory bound."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -14,19 +12,7 @@ LOSS_TYPES = ["grpo", "bnpo", "dapo", "dr_grpo"]
 FUSED_KERNELS = ("grpo_logits_partials", "grpo_rows", "grpo_dz", "matmul")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_interpreter():
-    """Switch off the interpreter's per-op int32 overflow check (speed only)."""
-    try:
-        import triton.runtime.interpreter as ti
-
-        old = ti.interpreter_builder.options
-        ti.interpreter_builder.options = dataclasses.replace(old, sanitize_overflow=False)
-    except (ImportError, AttributeError, TypeError):
-        yield
-        return
-    yield
-    ti.interpreter_builder.options = old
+pytestmark = pytest.mark.usefixtures("fast_interpreter")  # conftest.py
 
 
 def make_batch(B, T, H, V, *, dtype=torch.float32, seed=0, device="cpu", bias=True, temperature=1.0, scale=None):

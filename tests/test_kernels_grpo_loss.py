@@ -1,8 +1,6 @@
 """grpo_loss on [B, T] log-probs: the Triton per-token kernels (forward and backward) against the
 plain-torch reference, every loss_type, with and without old/reference log-probs, and the aggregations."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -12,19 +10,7 @@ from rarl_kernels.testing import assert_rel_close
 LOSS_TYPES = ["grpo", "bnpo", "dapo", "dr_grpo"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_interpreter():
-    """Switch off the interpreter's per-op int32 overflow check (speed only)."""
-    try:
-        import triton.runtime.interpreter as ti
-
-        old = ti.interpreter_builder.options
-        ti.interpreter_builder.options = dataclasses.replace(old, sanitize_overflow=False)
-    except (ImportError, AttributeError, TypeError):
-        yield
-        return
-    yield
-    ti.interpreter_builder.options = old
+pytestmark = pytest.mark.usefixtures("fast_interpreter")  # conftest.py
 
 
 def make(B=5, T=63, seed=0, old=True, ref=True, is_ratio=False):

@@ -1,8 +1,6 @@
 """fused_linear_logprobs: Triton kernels (interpreter on CPU, compiled on GPU) and the chunked torch path
 against the plain-torch reference, forward and every gradient."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -10,21 +8,7 @@ import rarl_kernels
 from rarl_kernels import _utils, fused_linear_logprobs, fused_linear_logprobs_ref
 from rarl_kernels.testing import LargestTensorMode, assert_rel_close, assert_three_way
 
-
-@pytest.fixture(autouse=True, scope="module")
-def fast_interpreter():
-    """The interpreter checks every int32 op for overflow (~1 ms each); the kernels index in int64 where it
-    matters, so the tests switch the check off for speed."""
-    try:
-        import triton.runtime.interpreter as ti
-
-        old = ti.interpreter_builder.options
-        ti.interpreter_builder.options = dataclasses.replace(old, sanitize_overflow=False)
-    except (ImportError, AttributeError, TypeError):  # another triton layout: run at the normal speed
-        yield
-        return
-    yield
-    ti.interpreter_builder.options = old
+pytestmark = pytest.mark.usefixtures("fast_interpreter")  # conftest.py
 
 
 def make_inputs(N, H, V, dtype, *, bias, seed=0, device="cpu", ignore=True):
