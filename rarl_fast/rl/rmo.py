@@ -94,18 +94,15 @@ class BestCache:
         """
         groups = rewards.shape[1]
         best = rewards.max(dim=1)
-        for b, (value, j) in enumerate(zip(best.values.tolist(), best.indices.tolist())):
-            key = tuple(keys[b])
-            old = self._entries.get(key)
-            if old is None or value > old[1]:
-                self._entries[key] = (texts[b * groups + j], float(value))
+        self.merge([(keys[b], texts[b * groups + j], value) for b, (value, j) in
+                    enumerate(zip(best.values.tolist(), best.indices.tolist()))])  # fmt: skip
 
     def entries(self, keys: Sequence[Sequence[Hashable]]) -> list[tuple[list[Any], str, float]]:
         """(key, text, reward) for those of `keys` that hold an entry: what one rank sends the others."""
         return [(list(k), *e) for k in keys if (e := self._entries.get(tuple(k))) is not None]
 
     def merge(self, entries: Sequence[tuple[Sequence[Hashable], str, float]]) -> None:
-        """Take entries of another cache (another rank's), keeping the higher reward per key."""
+        """Take (key, text, reward) entries (this step's, or another rank's), keeping the higher reward per key."""
         for key, text, reward in entries:
             old = self._entries.get(tuple(key))
             if old is None or float(reward) > old[1]:
