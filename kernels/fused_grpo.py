@@ -110,7 +110,8 @@ def _grpo_rows_kernel(
     lse = M + tl.log(S)
     labels = tl.load(y_ptr + rows, mask=rmask, other=-1)
     valid = (labels >= 0) & (labels < V)
-    logp = tl.where(valid, tl.load(zl_ptr + rows, mask=rmask, other=0.0) - lse, 0.0)
+    # (z - M) - log S, not z - lse: exact for the top tokens however large |logits| is
+    logp = tl.where(valid, (tl.load(zl_ptr + rows, mask=rmask, other=0.0) - M) - tl.log(S), 0.0)
     old = logp
     if HAS_OLD:
         old = tl.load(old_ptr + rows, mask=rmask, other=0.0)
@@ -225,15 +226,18 @@ def fused_grpo_chunks_torch(hidden, weight, bias, labels, tok, needs, opts, chun
         h_c, y = hidden[r0:r1], labels[r0:r1]
         part = {k: (t[r0:r1] if t is not None else None) for k, t in tok.items()}
         z = _chunk_logits(h_c, weight, bias, inv_t)
-        lse = torch.logsumexp(z, dim=-1)
+        m = z.amax(-1)
+        z.sub_(m[:, None])  # z - m, then log p = (z - m) - log-sum: exact for the top tokens (see linear_logprobs)
+        log_sum = torch.logsumexp(z, dim=-1)
+        lse = m + log_sum
         valid = (y >= 0) & (y < V)
-        logp = torch.where(valid, z.gather(1, y.clamp(0, V - 1)[:, None]).squeeze(1) - lse, 0.0)
+        logp = torch.where(valid, z.gather(1, y.clamp(0, V - 1)[:, None]).squeeze(1) - log_sum, 0.0)
         ref = part["ref"] if beta != 0.0 else None
         loss, dlogp, kl, ratio, clipped = grpo_token_torch(
             logp, part["old"], ref, part["adv"], part["isw"], lo, hi, beta, opts["bias_corr"]
         )
         coef = torch.where(valid, part["weight"] * dlogp, 0.0)
-        logprobs = z.sub_(lse[:, None])
+        logprobs = z.sub_(log_sum[:, None])
         if opts["entropy"]:
             p = logprobs.exp()
             entropy = -torch.mul(p, logprobs, out=logprobs).sum(-1)

@@ -3,7 +3,9 @@
 Forward (Triton): one program per BLOCK_N rows streams the vocabulary in BLOCK_V tiles; each tile's logits
 come from a K-loop of `tl.dot` over H (fp32 accumulate), are scaled by 1/temperature, and fold into a running
 max / sum-of-exp (online logsumexp), the label logit, and a running sum of p*(z - max) for the entropy.
-Saved for backward: lse and entropy in fp32, [N] each.
+Saved for backward: the row max m, log(sum exp(z - m)) and the entropy in fp32, [N] each. Keeping m and the
+log-sum apart (not their sum, the logsumexp) lets log p = (z - m) - log-sum stay exact for the top tokens when
+|logits| is large: z - lse would round to the spacing of fp32 numbers near lse (1e-3 at |lse| ~ 1e4).
 
 Backward (Triton): for row chunks bounded by a byte budget, a 2-D grid recomputes each logit tile and writes
 d-logits = (g * (onehot - p) - g_ent * p * (log p + H)) / T into a [chunk, V] buffer; two Triton GEMMs then
@@ -58,7 +60,7 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, s_hn, s_hh, s_wv, s_wh
 
 @triton.jit
 def _linear_logprobs_fwd_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, logp_ptr, lse_ptr, ent_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, logp_ptr, m_ptr, ls_ptr, ent_ptr,
     N, V, H, s_hn, s_hh, s_wv, s_wh, inv_t,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -82,16 +84,17 @@ def _linear_logprobs_fwd_kernel(
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
         z_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
-    lse = m + tl.log(s)
+    ls = tl.log(s)
     valid = (labels >= 0) & (labels < V)
-    tl.store(logp_ptr + rows, tl.where(valid, z_label - lse, 0.0), mask=rows < N)
-    tl.store(lse_ptr + rows, lse, mask=rows < N)
-    tl.store(ent_ptr + rows, tl.log(s) - u / s, mask=rows < N)
+    tl.store(logp_ptr + rows, tl.where(valid, (z_label - m) - ls, 0.0), mask=rows < N)
+    tl.store(m_ptr + rows, m, mask=rows < N)
+    tl.store(ls_ptr + rows, ls, mask=rows < N)
+    tl.store(ent_ptr + rows, ls - u / s, mask=rows < N)
 
 
 @triton.jit
 def _linear_logprobs_dlogits_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr, dz_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, ls_ptr, ent_ptr, g_ptr, ge_ptr, dz_ptr,
     N, V, H, s_hn, s_hh, s_wv, s_wh, s_dn, inv_t,
     HAS_BIAS: tl.constexpr, HAS_GENT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -103,10 +106,11 @@ def _linear_logprobs_dlogits_kernel(
                     HAS_BIAS, DOT_F32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
     rmask = rows < N
     labels = tl.load(y_ptr + rows, mask=rmask, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
+    ls = tl.load(ls_ptr + rows, mask=rmask, other=0.0)
     g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
     g = tl.where((labels >= 0) & (labels < V), g, 0.0)
-    logp = z - lse[:, None]
+    logp = (z - m[:, None]) - ls[:, None]
     p = tl.exp(logp)
     dz = tl.where(cols[None, :] == labels[:, None], g[:, None], 0.0) - g[:, None] * p
     if HAS_GENT:
@@ -122,22 +126,24 @@ def _common_args(hidden: torch.Tensor, weight: torch.Tensor) -> tuple:
 
 
 def linear_logprobs_fwd_triton(hidden, weight, labels, bias, temperature: float):
-    """hidden [N,H], weight [V,H], labels [N] int64, bias [V]|None -> logp, lse, entropy: [N] fp32 each."""
+    """hidden [N,H], weight [V,H], labels [N] int64, bias [V]|None -> logp, row max, log-sum (logsumexp minus the
+    row max), entropy: [N] fp32 each."""
     N = hidden.shape[0]
     cfg = dict(tile_config(hidden.device))
     cfg["BLOCK_N"] = fit_block(cfg["BLOCK_N"], N)
-    logp, lse, ent = (torch.empty(N, device=hidden.device, dtype=torch.float32) for _ in range(3))
+    logp, row_max, log_sum, ent = (torch.empty(N, device=hidden.device, dtype=torch.float32) for _ in range(4))
     launch(
         "linear_logprobs_fwd", _linear_logprobs_fwd_kernel, (triton.cdiv(N, cfg["BLOCK_N"]),),
-        hidden, weight, bias if bias is not None else hidden, labels, logp, lse, ent,
+        hidden, weight, bias if bias is not None else hidden, labels, logp, row_max, log_sum, ent,
         *_common_args(hidden, weight), 1.0 / temperature,
         HAS_BIAS=bias is not None, **dot_flags(hidden.dtype),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"],
     )  # fmt: skip
-    return logp, lse, ent
+    return logp, row_max, log_sum, ent
 
 
-def linear_logprobs_bwd_triton(hidden, weight, labels, bias, temperature, lse, ent, g_logp, g_ent, needs, chunk_bytes):
+def linear_logprobs_bwd_triton(hidden, weight, labels, bias, temperature, row_max, log_sum, ent, g_logp, g_ent, needs,
+                               chunk_bytes):  # fmt: skip
     """Gradients (hidden, weight, bias) of sum(g_logp*logp + g_ent*entropy); `needs` = which of the three."""
     N, H = hidden.shape
     V = weight.shape[0]
@@ -154,7 +160,7 @@ def linear_logprobs_bwd_triton(hidden, weight, labels, bias, temperature, lse, e
         launch(
             "linear_logprobs_dlogits", _linear_logprobs_dlogits_kernel,
             (triton.cdiv(r1 - r0, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])),
-            h_c, weight, bias if bias is not None else h_c, labels[r0:r1], lse[r0:r1], ent[r0:r1],
+            h_c, weight, bias if bias is not None else h_c, labels[r0:r1], row_max[r0:r1], log_sum[r0:r1], ent[r0:r1],
             g_logp[r0:r1], g_ent[r0:r1] if g_ent is not None else g_logp[r0:r1], dz_c,
             *_common_args(h_c, weight), dz_c.stride(0), 1.0 / temperature,
             HAS_BIAS=bias is not None, HAS_GENT=g_ent is not None, **dot_flags(hidden.dtype),
@@ -188,32 +194,32 @@ def _chunk_logits(h_c, weight, bias, inv_t: float) -> torch.Tensor:
 
 def linear_logprobs_fwd_chunked(hidden, weight, labels, bias, temperature: float, chunk_bytes=None, entropy=True):
     """Plain-torch chunked forward: O(chunk * V) memory. Same outputs as `linear_logprobs_fwd_triton` (the
-    entropy is zeros unless `entropy`: it costs two more passes over each chunk here)."""
+    entropy is zeros unless `entropy`: it costs one more pass over each chunk here)."""
     N, V = hidden.shape[0], weight.shape[0]
-    logp, lse, ent = (torch.empty(N, device=hidden.device, dtype=torch.float32) for _ in range(3))
+    logp, row_max, log_sum, ent = (torch.empty(N, device=hidden.device, dtype=torch.float32) for _ in range(4))
     rows = chunk_rows(N, V, chunk_bytes, device=hidden.device)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         z = _chunk_logits(hidden[r0:r1], weight, bias, 1.0 / temperature)
         y = labels[r0:r1]
-        lse_c = torch.logsumexp(z, dim=-1)
+        m = z.amax(-1)
+        z.sub_(m[:, None])  # z - m: exact near the top, where the probability mass is
+        e = z.exp()
+        s = e.sum(-1)
+        ls = s.log()
         z_label = z.gather(1, y.clamp(0, V - 1)[:, None]).squeeze(1)
-        logp[r0:r1] = torch.where((y >= 0) & (y < V), z_label - lse_c, 0.0)
-        lse[r0:r1] = lse_c
-        if entropy:
-            z.sub_(lse_c[:, None])  # z is now log p
-            ent[r0:r1] = -(z.exp() * z).sum(-1)
-        else:
-            ent[r0:r1] = 0.0
-    return logp, lse, ent
+        logp[r0:r1] = torch.where((y >= 0) & (y < V), z_label - ls, 0.0)
+        row_max[r0:r1], log_sum[r0:r1] = m, ls
+        ent[r0:r1] = ls - e.mul_(z).sum(-1) / s if entropy else 0.0
+    return logp, row_max, log_sum, ent
 
 
-def dlogits_chunk_torch(z, labels, g, inv_t, lse, ent=None, g_ent=None) -> torch.Tensor:
+def dlogits_chunk_torch(z, labels, g, inv_t, row_max, log_sum, ent=None, g_ent=None) -> torch.Tensor:
     """In place on the [c, V] fp32 logits z: returns d(sum g*logp + g_ent*H)/d(raw logits)."""
     V = z.shape[1]
     valid = (labels >= 0) & (labels < V)
     g = torch.where(valid, g, 0.0)
-    z.sub_(lse[:, None])  # log p
+    z.sub_(row_max[:, None]).sub_(log_sum[:, None])  # log p, in this order (see the module docstring)
     if g_ent is not None:
         dz = z.add(ent[:, None]).mul_(z.exp()).mul_(-g_ent[:, None])
         dz.addcmul_(z.exp_(), g[:, None], value=-1.0)
@@ -223,7 +229,8 @@ def dlogits_chunk_torch(z, labels, g, inv_t, lse, ent=None, g_ent=None) -> torch
     return dz.mul_(inv_t)
 
 
-def linear_logprobs_bwd_chunked(hidden, weight, labels, bias, temperature, lse, ent, g_logp, g_ent, needs, chunk_bytes):
+def linear_logprobs_bwd_chunked(hidden, weight, labels, bias, temperature, row_max, log_sum, ent, g_logp, g_ent,
+                                needs, chunk_bytes):  # fmt: skip
     """Plain-torch chunked backward: recompute each chunk's logits, form d-logits, contract."""
     N, H = hidden.shape
     V = weight.shape[0]
@@ -236,7 +243,8 @@ def linear_logprobs_bwd_chunked(hidden, weight, labels, bias, temperature, lse, 
         h_c = hidden[r0:r1]
         z = _chunk_logits(h_c, weight, bias, 1.0 / temperature)
         g_ent_c = g_ent[r0:r1] if g_ent is not None else None
-        dz = dlogits_chunk_torch(z, labels[r0:r1], g_logp[r0:r1], 1.0 / temperature, lse[r0:r1], ent[r0:r1], g_ent_c)
+        dz = dlogits_chunk_torch(z, labels[r0:r1], g_logp[r0:r1], 1.0 / temperature, row_max[r0:r1], log_sum[r0:r1],
+                                 ent[r0:r1], g_ent_c)  # fmt: skip
         contract_dlogits_torch(dz, h_c, weight, gh[r0:r1] if gh is not None else None, gw, gb)
     return (
         gh,
@@ -263,23 +271,24 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, temperature, impl, chunk_bytes, entropy):
         if impl == "triton":
-            logp, lse, ent = linear_logprobs_fwd_triton(hidden, weight, labels, bias, temperature)
+            logp, row_max, log_sum, ent = linear_logprobs_fwd_triton(hidden, weight, labels, bias, temperature)
         else:
-            logp, lse, ent = linear_logprobs_fwd_chunked(
+            logp, row_max, log_sum, ent = linear_logprobs_fwd_chunked(
                 hidden, weight, labels, bias, temperature, chunk_bytes, entropy
             )
-        ctx.save_for_backward(hidden, weight, labels, bias, lse, ent)
+        ctx.save_for_backward(hidden, weight, labels, bias, row_max, log_sum, ent)
         ctx.temperature, ctx.impl, ctx.chunk_bytes, ctx.entropy = temperature, impl, chunk_bytes, entropy
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        hidden, weight, labels, bias, lse, ent = ctx.saved_tensors
+        hidden, weight, labels, bias, row_max, log_sum, ent = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3])
         bwd = linear_logprobs_bwd_triton if ctx.impl == "triton" else linear_logprobs_bwd_chunked
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
+        g_logp = torch.zeros_like(log_sum) if g_logp is None else g_logp.float().contiguous()
         g_ent = None if g_ent is None or not ctx.entropy else g_ent.float().contiguous()
-        gh, gw, gb = bwd(hidden, weight, labels, bias, ctx.temperature, lse, ent, g_logp, g_ent, needs, ctx.chunk_bytes)
+        gh, gw, gb = bwd(hidden, weight, labels, bias, ctx.temperature, row_max, log_sum, ent, g_logp, g_ent, needs,
+                         ctx.chunk_bytes)  # fmt: skip
         return gh, gw, None, gb, None, None, None, None
 
 

@@ -6,7 +6,7 @@ import torch
 
 import rarl_kernels
 from rarl_kernels import _utils, fused_linear_logprobs, fused_linear_logprobs_ref
-from rarl_kernels.testing import LargestTensorMode, assert_rel_close, assert_three_way
+from rarl_kernels.testing import LargestTensorMode, assert_rel_close, assert_three_way, contraction_orders
 
 pytestmark = pytest.mark.usefixtures("fast_interpreter")  # conftest.py
 
@@ -47,8 +47,15 @@ def check(impl, N, H, V, dtype, bias, temperature, device="cpu", scale=None, tru
         # and torch's fp32 against fp64.
         f64 = lambda t: None if t is None else t.detach().double().requires_grad_()
         ref64 = run(fused_linear_logprobs_ref, f64(h), f64(w), f64(b), y, up.double(), temperature)
-        for name, a, r32, r64 in zip(names, ours, ref32, ref64):
-            assert_three_way(a, r32, r64, atol=1e-5 * r64.abs().max().item(), name=name)
+        # torch's fp32 error over 9 summation orders (the hidden dimension permuted): one order's error is a
+        # single draw that can land far below the typical rounding
+        refs32 = [ref32]
+        for p, inv in contraction_orders(H, 8):
+            r = run(lambda *a, **k: fused_linear_logprobs_ref(*a, upcast=True, **k), h[:, p], w[:, p], b, y, up,
+                    temperature)  # fmt: skip
+            refs32.append([r[0], r[1], r[2][:, inv], r[3][:, inv], *r[4:]])
+        for i, (name, a, r64) in enumerate(zip(names, ours, ref64)):
+            assert_three_way(a, [r[i] for r in refs32], r64, atol=1e-5 * r64.abs().max().item(), name=name)
     elif dtype == torch.float32:
         for name, a, r in zip(names, ours, ref32):
             assert_rel_close(a, r, rtol=3e-5, name=name)
@@ -87,6 +94,27 @@ def test_chunked_matches_reference(N, H, V, dtype, bias, temperature):
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
 def test_extreme_logits(impl):
     check(impl, 20, 40, 300, torch.float32, False, 1.0, scale=1e4)
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_confident_rows_keep_their_small_log_probs(impl):
+    """|logits| ~ 1e4 with the top logit 15 or more above the rest: log p(top) ~ -1e-4 is below the spacing of
+    fp32 numbers near the logsumexp (1e-3), so z - lse gives 0 or -1e-3. The kernels keep it, and the entropy
+    (also ~1e-4), to a few fp32 epsilons near 1 (1e-6; log of a sum near 1 costs that much in torch too). One-hot
+    hidden rows make the logits exactly the fp32 values chosen."""
+    V, H = 300, 8
+    g = torch.Generator().manual_seed(0)
+    z = 1e4 - 15 - 5 * torch.rand(3, V, generator=g)
+    z[0, 7], z[1, 123], z[2, 299] = 1e4, 1e4 - 2, 1e4  # row 1: top only 13 above the rest
+    h, w = torch.eye(3, H), torch.zeros(V, H)
+    w[:, :3] = z.t()
+    y = z.argmax(-1)
+    logp, ent = fused_linear_logprobs(h, w, y, impl=impl, return_entropy=True)
+    truth = torch.log_softmax(z.double(), -1)
+    atol = 8 * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(logp, truth.gather(1, y[:, None]).squeeze(1).float(), rtol=0, atol=atol)
+    torch.testing.assert_close(ent, -(truth.exp() * truth).sum(-1).float(), rtol=0, atol=atol)
+    assert (logp < 0).all() and (logp > -1e-3).all()
 
 
 def test_full_vocab_few_rows(monkeypatch):
