@@ -200,6 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_process_group() -> None:
+    """Under `accelerate launch`, wait for every rank, then leave the process group before the interpreter exits.
+    A rank that returned early (the demo's non-main ranks, while rank 0 writes the table and plots) and exited
+    with the gloo group alive aborted once in CI ("terminate called without an active exception", SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -214,10 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rarl_fast.config import ConfigError
 
     try:
-        return args.handler(args)
+        code = args.handler(args)
     except ConfigError as err:
         print(f"rarl-fast: error: {err}", file=sys.stderr)
         return 2
+    _leave_process_group()
+    return code
 
 
 if __name__ == "__main__":
