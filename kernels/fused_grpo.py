@@ -107,11 +107,12 @@ def _grpo_rows_kernel(
         S = alpha * S + tl.sum(sc * s_p, axis=1)
         M = M_new
     S = tl.where(rmask, S, 1.0)  # rows past the end: keep log() finite
-    lse = M + tl.log(S)
+    log_s = tl.log(S)
+    lse = M + log_s
     labels = tl.load(y_ptr + rows, mask=rmask, other=-1)
     valid = (labels >= 0) & (labels < V)
     # (z - M) - log S, not z - lse: exact for the top tokens however large |logits| is
-    logp = tl.where(valid, (tl.load(zl_ptr + rows, mask=rmask, other=0.0) - M) - tl.log(S), 0.0)
+    logp = tl.where(valid, (tl.load(zl_ptr + rows, mask=rmask, other=0.0) - M) - log_s, 0.0)
     old = logp
     if HAS_OLD:
         old = tl.load(old_ptr + rows, mask=rmask, other=0.0)
@@ -126,7 +127,7 @@ def _grpo_rows_kernel(
     coef = tl.where(valid, tl.load(wt_ptr + rows, mask=rmask, other=0.0) * dlogp, 0.0)
     tl.store(st_ptr + 0 * s_st + rows, logp, mask=rmask)
     tl.store(st_ptr + 1 * s_st + rows, lse, mask=rmask)
-    tl.store(st_ptr + 2 * s_st + rows, tl.log(S) - U / S, mask=rmask)
+    tl.store(st_ptr + 2 * s_st + rows, log_s - U / S, mask=rmask)
     tl.store(st_ptr + 3 * s_st + rows, loss, mask=rmask)
     tl.store(st_ptr + 4 * s_st + rows, kl, mask=rmask)
     tl.store(st_ptr + 5 * s_st + rows, ratio, mask=rmask)
