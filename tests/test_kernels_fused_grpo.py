@@ -268,3 +268,20 @@ def test_gpu_compiled_matches_reference(B, T, H, V):
     check_against_reference("triton", B, T, H, V, torch.bfloat16, "dapo", 1.0, device="cuda")
     for name in FUSED_KERNELS:
         assert _utils.LAUNCHES[name] >= 1, name
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_confident_rows_keep_their_small_log_probs(impl):
+    """The label log p of confident rows at |logits| ~ 1e4 (see test_kernels_logprobs.py's twin): with the old
+    log p set to the fp64 truth the ratio is 1 to a few fp32 epsilons; z - lse would put it 1e-4 off."""
+    V, H = 300, 8
+    g = torch.Generator().manual_seed(0)
+    z = 1e4 - 15 - 5 * torch.rand(3, V, generator=g)
+    z[0, 7], z[1, 123], z[2, 299] = 1e4, 1e4 - 2, 1e4
+    h, w = torch.eye(3, H)[None], torch.zeros(V, H)
+    w[:, :3] = z.t()
+    y = z.argmax(-1)[None]
+    truth = torch.log_softmax(z.double(), -1).gather(1, y.t()).t().float()
+    _, metrics = fused_linear_grpo_loss(h, w, y, torch.ones_like(y), torch.ones(1), logp_old=truth, beta=0.0,
+                                        impl=impl)  # fmt: skip
+    assert abs(metrics["ratio_mean"].item() - 1.0) <= 8 * torch.finfo(torch.float32).eps
