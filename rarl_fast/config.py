@@ -333,6 +333,9 @@ class RMOConfig:
     """Which groups may be mutated: stagnant ones (std(R) < sigma_min) or all (METHOD.md section 5)."""
     source: Literal["gt", "best"] = "gt"
     """Reference answer: the rendered ground truth, or the best response seen for the group (falls back to gt)."""
+    think: Literal["fixed", "readings"] = "fixed"
+    """Reasoning of the rendered ground truth (RMO's gt and the SFT target): METHOD.md's fixed `Reference answer.`,
+    or `readings`, each image's value in prompt order (`Image 1: 7. Image 2: 3.`), then the sorted answer."""
     sigma_min: float = 1e-3
     """Reward-spread threshold below which a group is stagnant."""
     p_mut: float = 0.5

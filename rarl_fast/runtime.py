@@ -190,6 +190,7 @@ def check_completion_budget(cfg: Config, tokenizer: Any, train_groups: dict[int,
         truths,
         eos=tokenizer.eos_token or "",
         length=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+        think=cfg.rmo.think,
     )
     if cfg.rollout.max_new_tokens < need:
         got = cfg.rollout.max_new_tokens

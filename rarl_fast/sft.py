@@ -29,7 +29,8 @@ def sft_rollouts(rt: Runtime, groups: list[Any]) -> Rollouts:
 
     batch = collate(rt.processor, groups, rt.cache).to(rt.device)
     tok = rt.tokenizer
-    answers = [tok(gt_answer(g.values) + (tok.eos_token or ""), add_special_tokens=False)["input_ids"] for g in groups]
+    targets = [gt_answer(g.values, rt.cfg.rmo.think) + (tok.eos_token or "") for g in groups]
+    answers = [tok(t, add_special_tokens=False)["input_ids"] for t in targets]
     B, T = len(groups), max(len(a) for a in answers)
     ids = torch.full((B, T), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros(B, T, dtype=torch.bool)

@@ -117,6 +117,7 @@ def mutate(
             sigma_min=c.rmo.sigma_min,
             mode=c.rmo.mode,
             source=c.rmo.source,
+            think=c.rmo.think,
             eos=eos,
             texts=texts[b * G : (b + 1) * G],
             group_keys=[g.key],

@@ -55,14 +55,32 @@ def test_gt_rendering_is_exact(shared_dir):
     )
 
 
+def test_gt_with_readings_reasons_in_prompt_order():
+    assert gt_answer([5.42, 6.17, 4.88], think="readings") == (
+        "<think>Image 1: 5.42. Image 2: 6.17. Image 3: 4.88.</think> "
+        '<answer>[{"image_id": 3, "value": 4.88}, {"image_id": 1, "value": 5.42}, '
+        '{"image_id": 2, "value": 6.17}]</answer>'
+    )
+    one = '<think>Image 1: 7.</think> <answer>[{"image_id": 1, "value": 7}]</answer>'
+    assert gt_answer([7.0], think="readings") == one
+    fixed, readings = gt_answer([3.0, 1.0]), gt_answer([3.0, 1.0], think="readings")
+    assert fixed.split("</think>")[1] == readings.split("</think>")[1]
+    with pytest.raises(ValueError, match="think must be one of"):
+        gt_answer([1.0], think="free")
+    truths = [[1.0], [5.42, 6.17, 4.88], [3.0, 1.0]]
+    longest = max(len(gt_answer(t, think="readings")) for t in truths)
+    assert longest_gt_answer(truths, think="readings") == longest > longest_gt_answer(truths)
+
+
+@pytest.mark.parametrize("think", ["fixed", "readings"])
 @pytest.mark.parametrize(("alpha", "beta"), [(1.0, 0.0), (0.5, 0.5), (0.3, 0.6)])
-def test_gt_scores_the_maximum(alpha, beta):
+def test_gt_scores_the_maximum(alpha, beta, think):
     gen = torch.Generator().manual_seed(7)
     truths = []
     for n in range(1, 9):
         truths.append([float(v) for v in torch.randperm(117, generator=gen)[:n].tolist()])
         truths.append((torch.randperm(900, generator=gen)[:n].double() / 100 + 1).tolist())
-    rb = score([gt_answer(t) for t in truths], truths, tolerance=1.0, alpha=alpha, beta=beta, lam=0.2)
+    rb = score([gt_answer(t, think) for t in truths], truths, tolerance=1.0, alpha=alpha, beta=beta, lam=0.2)
     assert rb.total.tolist() == [0.2 + 0.8 * (alpha + beta)] * len(truths)
     assert rb.regression.tolist() == [1.0] * len(truths)
 
@@ -217,3 +235,12 @@ def test_best_cache_consulted_before_update_and_round_trips():
 def test_bad_arguments_raise(kw):
     with pytest.raises(ValueError):
         _run(torch.zeros(2, 4, dtype=torch.float64), [TRUTH4, TRUTH4], **kw)
+
+
+def test_mutation_renders_the_configured_reasoning():
+    rewards = torch.tensor([[0.2] * 4], dtype=torch.float64)
+    res = _run(rewards, [TRUTH4], p_mut=1.0, think="readings", eos="<e>")
+    assert res.ref_texts[0] == gt_answer(TRUTH4, think="readings") + "<e>"
+    assert res.ref_texts[0].startswith("<think>Image 1: ")
+    with pytest.raises(ValueError, match="think must be one of"):
+        _run(rewards, [TRUTH4], think="free")

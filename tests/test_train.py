@@ -540,3 +540,64 @@ def test_balanced_shares_split_the_images_evenly():
     assert shares == balanced_shares(costs, 2)  # the same on every rank
     assert [len(s) for s in balanced_shares([1] * 7, 3)] == [3, 2, 2]  # as many per rank as round robin
     assert balanced_shares([4, 1], 1) == [[0, 1]]
+
+
+def test_completion_budget_counts_the_reasoning_of_the_reference():
+    from types import SimpleNamespace
+
+    from rarl_fast.rl.rmo import gt_answer
+    from rarl_fast.runtime import check_completion_budget
+
+    class CharTokenizer:  # one token per character
+        eos_token = "<e>"
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(text)}
+
+    groups = {4: [SimpleNamespace(values=[3.0, 1.0, 2.0, 0.0])]}
+    fixed = len(gt_answer([3.0, 1.0, 2.0, 0.0]) + "<e>")
+    readings = len(gt_answer([3.0, 1.0, 2.0, 0.0], think="readings") + "<e>")
+    stage2 = ["stage2.rmo=true", "stage2.group_mix={4: 1.0}"]
+    check_completion_budget(load_config(None, [f"rollout.max_new_tokens={fixed}", *stage2]), CharTokenizer(), groups)
+    with pytest.raises(ConfigError, match=rf"longest RMO reference answer \({fixed} tokens\)"):
+        check_completion_budget(
+            load_config(None, [f"rollout.max_new_tokens={fixed - 1}", *stage2]), CharTokenizer(), groups
+        )
+    cfg = load_config(None, [f"rollout.max_new_tokens={fixed}", *stage2, "rmo.think=readings"])
+    with pytest.raises(ConfigError, match=rf"longest RMO reference answer \({readings} tokens\)"):
+        check_completion_budget(cfg, CharTokenizer(), groups)
+
+
+@pytest.mark.parametrize("think", ["fixed", "readings"])
+def test_sft_targets_are_the_configured_reference(monkeypatch, think):
+    from types import SimpleNamespace
+
+    import rarl_fast.data
+    from rarl_fast.rl.rmo import gt_answer
+    from rarl_fast.sft import sft_rollouts
+
+    class Batch(SimpleNamespace):
+        def to(self, device):
+            return self
+
+    class CodeTokenizer:  # one token per character, its code point
+        eos_token, pad_token_id = "$", 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    groups = [SimpleNamespace(values=[3.0, 1.0], key=("a", "b")), SimpleNamespace(values=[2.5], key=("c",))]
+    batch = Batch(
+        input_ids=torch.ones(2, 3, dtype=torch.long),
+        attention_mask=torch.ones(2, 3, dtype=torch.long),
+        pixel_values=None,
+        image_grid_thw=None,
+        image_counts=torch.tensor([2, 1]),
+    )
+    monkeypatch.setattr(rarl_fast.data, "collate", lambda processor, gs, cache: batch)
+    cfg = load_config(None, [f"rmo.think={think}"])
+    rt = SimpleNamespace(cfg=cfg, tokenizer=CodeTokenizer(), processor=None, cache=None, device=torch.device("cpu"))
+    ro = sft_rollouts(rt, groups)
+    for b, g in enumerate(groups):
+        ids = ro.completion_ids[b][ro.completion_mask[b]].tolist()
+        assert "".join(map(chr, ids)) == gt_answer(g.values, think) + "$"

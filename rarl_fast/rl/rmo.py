@@ -30,6 +30,7 @@ from rarl_fast.rl.advantages import group_advantages, group_std
 __all__ = [
     "RMO_MODES",
     "RMO_SOURCES",
+    "THINK_STYLES",
     "BestCache",
     "RMOResult",
     "gt_answer",
@@ -40,6 +41,7 @@ __all__ = [
 RMO_MODES = ("stagnant", "always")
 RMO_SOURCES = ("gt", "best")
 GT_THINK = "Reference answer."
+THINK_STYLES = ("fixed", "readings")
 
 
 def _json_number(v: float) -> int | float:
@@ -48,23 +50,33 @@ def _json_number(v: float) -> int | float:
     return int(f) if f.is_integer() else f
 
 
-def gt_answer(truth: Sequence[float]) -> str:
+def gt_answer(truth: Sequence[float], think: str = "fixed") -> str:
     """The `gt` reference for a truth `y_1..y_N`, without EOS; it scores the maximum reward.
 
     `<think>Reference answer.</think> <answer>[{"image_id": i, "value": v}, ...]</answer>` with ids
-    ascending by true value (ties by id).
+    ascending by true value (ties by id). `think="readings"` (our extension; METHOD.md's text is `fixed`)
+    writes each image's value in prompt order as the reasoning instead, `<think>Image 1: 7. Image 2: 3.</think>`,
+    so a model trained on it reads every image before it sorts; the answer part and its reward are the same.
     """
+    if think not in THINK_STYLES:
+        raise ValueError(f"think must be one of {THINK_STYLES}, got {think!r}")
     order = sorted(range(len(truth)), key=lambda i: (float(truth[i]), i))
     items = [{"image_id": i + 1, "value": _json_number(truth[i])} for i in order]
-    return f"<think>{GT_THINK}</think> <answer>{json.dumps(items)}</answer>"
+    if think == "fixed":
+        reasoning = GT_THINK
+    else:
+        reasoning = " ".join(f"Image {i + 1}: {json.dumps(_json_number(v))}." for i, v in enumerate(truth))
+    return f"<think>{reasoning}</think> <answer>{json.dumps(items)}</answer>"
 
 
-def longest_gt_answer(truths: Iterable[Sequence[float]], *, eos: str = "", length: Callable[[str], int] = len) -> int:
-    """Longest `gt_answer(truth) + eos` over the data, measured by `length` (e.g. a token counter).
+def longest_gt_answer(
+    truths: Iterable[Sequence[float]], *, eos: str = "", length: Callable[[str], int] = len, think: str = "fixed"
+) -> int:
+    """Longest `gt_answer(truth, think) + eos` over the data, measured by `length` (e.g. a token counter).
 
     Config validation rejects a `max_new_tokens` below this (METHOD.md section 5); 0 for no truths.
     """
-    return max((length(gt_answer(t) + eos) for t in truths), default=0)
+    return max((length(gt_answer(t, think) + eos) for t in truths), default=0)
 
 
 class BestCache:
@@ -144,7 +156,7 @@ class RMOResult:
     metrics: dict[str, Tensor]
 
 
-def _check(rewards: Tensor, truths: Sequence[Sequence[float]], k_mut: int, mode: str, source: str) -> None:
+def _check(rewards: Tensor, truths: Sequence[Sequence[float]], k_mut: int, mode: str, source: str, think: str) -> None:
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [B, G], got {tuple(rewards.shape)}")
     if len(truths) != rewards.shape[0]:
@@ -155,6 +167,8 @@ def _check(rewards: Tensor, truths: Sequence[Sequence[float]], k_mut: int, mode:
         raise ValueError(f"mode must be one of {RMO_MODES}, got {mode!r}")
     if source not in RMO_SOURCES:
         raise ValueError(f"source must be one of {RMO_SOURCES}, got {source!r}")
+    if think not in THINK_STYLES:
+        raise ValueError(f"think must be one of {THINK_STYLES}, got {think!r}")
 
 
 def _references(
@@ -164,12 +178,13 @@ def _references(
     truths: Sequence[Sequence[float]],
     tolerance: Tensor,
     score_kwargs: dict[str, Any],
+    think: str,
 ) -> tuple[list[str], list[float]]:
     """Reference text (no EOS) and reward per candidate group: its cached best if that beats the group, else gt.
 
     All references are scored in one `score` call; a cached entry's stored reward is not trusted.
     """
-    gt = [gt_answer(truths[b]) for b in candidates]
+    gt = [gt_answer(truths[b], think) for b in candidates]
     extra = [i for i, c in enumerate(cached) if c is not None]
     texts = gt + [cached[i][0] for i in extra]  # type: ignore[index]
     groups = candidates + [candidates[i] for i in extra]
@@ -197,6 +212,7 @@ def mutate_responses(
     sigma_min: float = 1e-3,
     mode: str = "stagnant",
     source: str = "gt",
+    think: str = "fixed",
     eos: str = "",
     texts: Sequence[str] | None = None,
     group_keys: Sequence[Sequence[Hashable]] | None = None,
@@ -220,6 +236,7 @@ def mutate_responses(
         sigma_min: stagnation threshold on std(R), also the margin the reference must clear.
         mode: `stagnant` (only stagnant groups are eligible) or `always`.
         source: `gt` or `best`.
+        think: how the `gt` reference reasons (`gt_answer`): `fixed` (METHOD.md) or `readings`.
         eos: EOS string appended to returned reference texts (references are scored without it).
         texts: B*G responses, group-major; needed with `cache` (and for `best`).
         group_keys: B group keys (tuples of sample ids); needed with `cache` (and for `best`).
@@ -227,7 +244,7 @@ def mutate_responses(
         scale_by_std, unbiased, eps: advantage arguments (`group_advantages`); `unbiased` also sets
             the std used for stagnation.
     """
-    _check(rewards, truths, k_mut, mode, source)
+    _check(rewards, truths, k_mut, mode, source, think)
     if source == "best" and cache is None:
         raise ValueError("source='best' needs a BestCache")
     if cache is not None and (texts is None or group_keys is None):
@@ -245,7 +262,7 @@ def mutate_responses(
     group_best = rewards.max(dim=1).values.tolist()
 
     cached = [cache.get(group_keys[b]) if source == "best" else None for b in cand_idx]  # type: ignore[union-attr,index]
-    ref_texts, ref_values = _references(cand_idx, cached, group_best, truths, tol, score_kwargs)
+    ref_texts, ref_values = _references(cand_idx, cached, group_best, truths, tol, score_kwargs, think)
     ref_reward = torch.full((n_groups,), math.nan, dtype=torch.float64)
     ref_reward[cand_idx] = torch.tensor(ref_values, dtype=torch.float64)
     eligible = candidate & (rewards.mean(dim=1) < ref_reward - sigma_min)
