@@ -1,7 +1,8 @@
 """``rarl-fast sft``: supervised fine-tuning on ground-truth answers (the paper's SFT baseline, the demo's warm
 start). The target of a group is RMO's ``gt`` reference (``<think>Reference answer.</think> <answer>[...]</answer>``
-+ EOS); the loss is the token-mean negative log-likelihood through the fused linear log-prob kernel, normalized
-by the step's global token count like the GRPO loss.
++ EOS, or with ``rmo.think: readings`` each image's value as the reasoning); the loss is the token-mean negative
+log-likelihood through the fused linear log-prob kernel, normalized by the step's global token count like the GRPO
+loss.
 """
 
 from __future__ import annotations
