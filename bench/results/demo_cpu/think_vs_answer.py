@@ -15,6 +15,8 @@ from pathlib import Path
 
 from scipy.stats import kendalltau
 
+from rarl_fast.rewards.parse import parse_responses
+
 READING = re.compile(r"Image (\d+): (-?\d+(?:\.\d+)?)\.")
 
 
@@ -23,13 +25,10 @@ def readings(response: str) -> dict[int, float]:
     return {int(i): float(v) for i, v in READING.findall(think.group(1))} if think else {}
 
 
-def answer_items(response: str) -> list[dict]:
-    answer = re.search(r"<answer>(.*?)</answer>", response, re.S)
-    try:
-        items = json.loads(answer.group(1)) if answer else []
-    except ValueError:
-        return []
-    return [it for it in items if isinstance(it, dict)] if isinstance(items, list) else []
+def answer_items(response: str) -> list[tuple[int, float]]:
+    """(image id, value) of the answer's valid elements in listed order, by the reward's own parser."""
+    parsed = parse_responses([response])
+    return list(zip(parsed.ids[0][parsed.mask[0]].tolist(), parsed.values[0][parsed.mask[0]].tolist(), strict=True))
 
 
 if __name__ == "__main__":
@@ -42,9 +41,9 @@ if __name__ == "__main__":
             if n >= 2:
                 tau = kendalltau([read[i + 1] for i in range(n)], row["truth"]).statistic if complete else 0.0
                 taus[n].append(0.0 if tau != tau else tau)
-            for it in answer_items(row["response"]):
+            for image_id, value in answer_items(row["response"]):
                 items[n] += 1
-                same[n] += read.get(it.get("image_id")) == it.get("value")
+                same[n] += read.get(image_id) == value
         for n in sorted(items):
             tau = f"reading tau {sum(taus[n]) / len(taus[n]):.3f}, " if taus[n] else ""
             print(f"{path} N={n}: {tau}answer value = reading {same[n] / items[n]:.2f} ({items[n]} items)")
