@@ -486,7 +486,10 @@ class LoggingConfig:
     log_every: int = 1
     """Log metrics every this many optimizer steps."""
     eval_every: int = 0
-    """Held-out evaluation every this many steps; 0 disables periodic eval."""
+    """Held-out evaluation every this many optimizer steps (and once before the first), logged as
+    ``eval/n<N>/<metric>`` and ``eval/n<N>/fail``; 0 disables periodic eval."""
+    eval_groups: int = 32
+    """Test groups per N in the periodic eval (the first ones of the fixed test set; 0: all of them)."""
     trackers: list[Literal["tensorboard", "wandb", "jsonl"]] = field(default_factory=lambda: ["jsonl"])
     """accelerate trackers (wandb only when installed) plus our JSONL metrics file."""
     wandb_project: str | None = None
@@ -497,6 +500,7 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         _check(self.log_every >= 1, "log_every", "must be >= 1")
         _check(self.eval_every >= 0, "eval_every", "must be >= 0")
+        _check(self.eval_groups >= 0, "eval_groups", "must be >= 0")
 
 
 @dataclass(kw_only=True)

@@ -14,7 +14,7 @@ import torch
 
 from rarl_fast.rl.splice import completion_texts
 
-__all__ = ["evaluate", "generate_answers", "task_name", "write_table"]
+__all__ = ["evaluate", "generate_answers", "periodic_eval", "task_name", "write_table"]
 
 
 def task_name(cfg: Any) -> str:
@@ -49,19 +49,13 @@ def generate_answers(rt: Any, groups: list[Any], *, batch_size: int) -> list[str
 
 def evaluate(rt: Any, name: str, *, out_dir: str | Path | None = None) -> dict[int, Any]:
     """Metric cell per N on the fixed test groups; writes ``<out_dir>/<name>.jsonl`` with every response."""
-    from rarl_fast.metrics import evaluate_answers
-
-    task = rt.task
     out_dir = Path(out_dir or rt.run_dir / "eval")
     cells: dict[int, Any] = {}
     records = []
     for n, groups in sorted(rt.test_groups.items()):
         if not groups:
             continue
-        answers = generate_answers(rt, groups, batch_size=rt.cfg.rollout.eval_batch_size)
-        cells[n] = evaluate_answers(
-            answers, [g.values for g in groups], metric=task.metric, value_min=task.value_min, value_max=task.value_max
-        )
+        cells[n], answers = _cell(rt, groups)
         records += [
             {"model": name, "n": n, "key": list(g.key), "truth": g.values, "response": a}
             for g, a in zip(groups, answers)
@@ -72,6 +66,33 @@ def evaluate(rt: Any, name: str, *, out_dir: str | Path | None = None) -> dict[i
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
     return cells
+
+
+def _cell(rt: Any, groups: list[Any]) -> tuple[Any, list[str]]:
+    """The metric cell of the greedy answers to ``groups`` (all of one N) and the answers themselves."""
+    from rarl_fast.metrics import evaluate_answers
+
+    task = rt.task
+    answers = generate_answers(rt, groups, batch_size=rt.cfg.rollout.eval_batch_size)
+    cell = evaluate_answers(
+        answers, [g.values for g in groups], metric=task.metric, value_min=task.value_min, value_max=task.value_max
+    )
+    return cell, answers
+
+
+def periodic_eval(rt: Any, groups_per_n: int) -> dict[str, float]:
+    """The held-out eval during training: greedy answers to the first ``groups_per_n`` fixed test groups of each
+    N (0: all of them), as flat metrics ``eval/n<N>/<metric>`` and ``eval/n<N>/fail`` (the failure rate) for the
+    metrics log. All ranks call it (the groups are split across them like ``evaluate``)."""
+    out: dict[str, float] = {}
+    for n, groups in sorted(rt.test_groups.items()):
+        groups = groups[:groups_per_n] if groups_per_n else groups
+        if not groups:
+            continue
+        cell, _ = _cell(rt, groups)
+        out[f"eval/n{n}/{cell.name}"] = cell.value
+        out[f"eval/n{n}/fail"] = cell.failure_rate
+    return out
 
 
 def write_table(results: dict[str, dict[str, dict[int, Any]]], out_dir: str | Path, group_sizes: list[int]) -> str:

@@ -1,7 +1,7 @@
 """``rarl-fast plot RUN_DIR``: the training curves of ``metrics.jsonl`` as one PNG (Pillow only, no matplotlib).
 
 One panel per metric: the raw values as a thin line and a moving average as a thick one; stage boundaries
-are marked. Metrics that were never logged are left out.
+are marked. Metrics that were never logged are left out; the periodic held-out eval's are added.
 """
 
 from __future__ import annotations
@@ -84,12 +84,14 @@ def _panel(draw: Any, box: tuple[int, int], title: str, xs: list[int], ys: list[
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: Sequence[str] = DEFAULT_KEYS) -> Path:
-    """Render the run's curves to ``out`` (default ``RUN_DIR/curves.png``); returns the path."""
+    """Render the run's curves to ``out`` (default ``RUN_DIR/curves.png``); returns the path. The periodic
+    held-out eval's metrics (``eval/...``) get panels after ``keys`` whenever they were logged."""
     from PIL import Image, ImageDraw
 
     rows = read_metrics(run_dir)
     if not rows:
         raise FileNotFoundError(f"no metrics.jsonl lines in {run_dir}")
+    keys = list(keys) + sorted({k for r in rows for k in r if k.startswith("eval/")} - set(keys))
     series = []
     for key in keys:
         pts = [(int(r["step"]), float(r[key])) for r in rows if isinstance(r.get(key), int | float) and "step" in r]

@@ -86,6 +86,7 @@ def sft_step(rt: Runtime, groups: list[Any], lr: float) -> dict[str, float]:
 def train_sft(rt: Runtime, *, steps: int, lr: float, mix: dict[int, float], seed_tag: str = "sft") -> None:
     """``steps`` SFT steps of ``sft.prompts_per_step`` groups drawn with the N ``mix``; logs to metrics.jsonl."""
     from rarl_fast.data import GroupSampler
+    from rarl_fast.train import held_out_eval
 
     o = rt.cfg.optim
     if rt.optimizer is None:
@@ -100,10 +101,16 @@ def train_sft(rt: Runtime, *, steps: int, lr: float, mix: dict[int, float], seed
         seed=stable_seed(rt.cfg.seed, seed_tag) % (1 << 62),
     )
     logger = MetricsLogger(rt.run_dir, rt.acc, total_steps=steps, progress_bar=rt.cfg.logging.progress_bar)
+    held_out = held_out_eval(rt, logger)
+    every = rt.cfg.logging.eval_every
     try:
+        if held_out is not None:
+            held_out(0, "sft")
         for step in range(steps):
             groups = rt.my_groups(sampler.next_batch())
             metrics = sft_step(rt, groups, lr_at(step, peak=lr, total=steps, warmup_ratio=o.warmup_ratio))
             logger.log(step + 1, {**metrics, "stage": 0})
+            if held_out is not None and (step + 1) % every == 0:
+                held_out(step + 1, "sft")
     finally:
         logger.close()

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 __all__ = ["NonFiniteError", "StageState", "run_stage", "train"]
 
 STAGES = ("stage1", "stage2")
+STAGE_IDS = {"stage1": 1, "stage2": 2}  # the ``stage`` of a metrics line (0: SFT)
 
 
 class NonFiniteError(RuntimeError):
@@ -363,7 +364,8 @@ def make_stage(rt: Runtime, name: str) -> StageState:
 
 
 def run_stage(rt: Runtime, st: StageState, logger: MetricsLogger, global_step: int, evaluate_fn: Any = None) -> int:
-    """Train ``st`` from its current step to ``stage.steps``; returns the global step reached."""
+    """Train ``st`` from its current step to ``stage.steps``; returns the global step reached. ``evaluate_fn``
+    (``held_out_eval``) runs every ``logging.eval_every`` global steps."""
     c = rt.cfg
     while st.step < st.stage.steps:
         pairs = train_step(rt, st)
@@ -371,10 +373,10 @@ def run_stage(rt: Runtime, st: StageState, logger: MetricsLogger, global_step: i
         global_step += 1
         if global_step % c.logging.log_every == 0 or st.step == st.stage.steps:
             metrics = reduce_metrics(rt.acc, pairs)
-            metrics.update({"stage": 1 if st.name == "stage1" else 2, "lr": rt.optimizer.param_groups[0]["lr"]})
+            metrics.update({"stage": STAGE_IDS[st.name], "lr": rt.optimizer.param_groups[0]["lr"]})
             logger.log(global_step, metrics)
         if evaluate_fn is not None and c.logging.eval_every and global_step % c.logging.eval_every == 0:
-            evaluate_fn(f"step{global_step}")
+            evaluate_fn(global_step, st.name)
         if (c.checkpoint.save_every and global_step % c.checkpoint.save_every == 0) or st.step == st.stage.steps:
             save_checkpoint(
                 rt.acc,
@@ -387,6 +389,20 @@ def run_stage(rt: Runtime, st: StageState, logger: MetricsLogger, global_step: i
                 save_optimizer=c.checkpoint.save_optimizer,
             )
     return global_step
+
+
+def held_out_eval(rt: Runtime, logger: MetricsLogger) -> Any:
+    """``fn(global_step, stage_name)`` that runs the periodic held-out eval and logs it as its own metrics line
+    (with the stage, so plots keep their stage marks); None when ``logging.eval_every`` is 0."""
+    if not rt.cfg.logging.eval_every:
+        return None
+    from rarl_fast.evaluate import periodic_eval
+
+    def run(global_step: int, stage: str) -> None:
+        metrics = periodic_eval(rt, rt.cfg.logging.eval_groups)
+        logger.log(global_step, {**metrics, "stage": STAGE_IDS.get(stage, 0)}, advance=0)
+
+    return run
 
 
 def _reset_optimizer(rt: Runtime) -> None:
@@ -418,10 +434,13 @@ def train(cfg: Config, *, resume: bool = False, run_dir: Any = None) -> Runtime:
             truncate_metrics(rt.run_dir, global_step)
         if logger.bar is not None:
             logger.bar.update(global_step)
+    held_out = held_out_eval(rt, logger)
     try:
         for i, name in enumerate(STAGES):
             if i < start_stage or not getattr(cfg, name).enabled:
                 continue
+            if held_out is not None and global_step == 0:
+                held_out(0, name)  # the starting point of the curves
             st = make_stage(rt, name)
             if restored is not None and i == start_stage:
                 st.step = int(restored["stage_step"])
@@ -431,7 +450,7 @@ def train(cfg: Config, *, resume: bool = False, run_dir: Any = None) -> Runtime:
                 st.nonfinite_in_row = int(restored["nonfinite_in_row"])
             else:
                 _reset_optimizer(rt)
-            global_step = run_stage(rt, st, logger, global_step)
+            global_step = run_stage(rt, st, logger, global_step, held_out)
     finally:
         logger.close()
     return rt

@@ -73,10 +73,20 @@ def _weights(rt) -> dict[str, torch.Tensor]:
 def test_full_tiny_run_with_rmo(tiny_vlm_dir, tmp_path):
     from transformers import AutoModelForImageTextToText
 
+    from rarl_fast.evaluate import evaluate
+
     initial = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir).state_dict()
-    rt = _run_inprocess(tiny_vlm_dir, tmp_path)
-    rows = read_metrics(rt.run_dir)
+    rt = _run_inprocess(tiny_vlm_dir, tmp_path, **{"logging.eval_every": 2})
+    logged = read_metrics(rt.run_dir)
+    rows = [r for r in logged if "reward/total" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["stage"] for r in rows] == [1, 1, 2, 2]
+    # the periodic held-out eval: before the first step and every 2 steps, its own lines, stage-tagged
+    evals = [r for r in logged if "reward/total" not in r]
+    assert [(r["step"], r["stage"]) for r in evals] == [(0, 1), (2, 1), (4, 2)]
+    cells = evaluate(rt, "final")  # the same greedy answers to the same (all 2) test groups per N
+    for n, cell in cells.items():
+        assert evals[-1][f"eval/n{n}/{cell.name}"] == pytest.approx(cell.value, abs=1e-12)
+        assert evals[-1][f"eval/n{n}/fail"] == pytest.approx(cell.failure_rate, abs=1e-12)
     for r in rows:
         for key in ("reward/total", "reward/format", "parse_failure_rate", "truncation_rate", "response_length",
                     "loss", "grad_norm", "time/rollout_s", "time/reward_s", "time/update_s", "tokens_per_s",
@@ -289,10 +299,14 @@ def test_cli_sft_then_eval_writes_model_and_table(tiny_vlm_dir, tmp_path):
     from rarl_fast.cli import main
 
     args = ["-c", str(ROOT / "configs" / "demo_cpu.yaml"), *tiny_overrides(tiny_vlm_dir, tmp_path)]
-    assert main(["sft", "--steps", "2", *args, "rollout.max_new_tokens=16"]) == 0
+    assert main(["sft", "--steps", "2", *args, "rollout.max_new_tokens=16", "logging.eval_every=2"]) == 0
     run = tmp_path / "run"
     assert (run / "model" / "model.safetensors").is_file() and (run / "eval" / "results.md").is_file()
-    assert [r["step"] for r in read_metrics(run)] == [1, 2] and "sft/loss" in read_metrics(run)[0]
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows if "sft/loss" in r] == [1, 2]
+    evals = [r for r in rows if "sft/loss" not in r]  # the periodic held-out eval, before step 1 and after step 2
+    assert [r["step"] for r in evals] == [0, 2] and all(r["stage"] == 0 for r in evals)
+    assert {"eval/n1/accuracy", "eval/n1/fail", "eval/n2/kendall_tau", "eval/n2/fail"} <= set(evals[0])
     assert main(["eval", "--model", str(run / "model"), "--name", "again", *args, "rollout.max_new_tokens=16"]) == 0
     responses = (run / "eval" / "again.jsonl").read_text().splitlines()
     assert len(responses) == 2 * 2  # 2 test groups for each of N = 1 and 2
