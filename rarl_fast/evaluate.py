@@ -56,16 +56,25 @@ def evaluate(rt: Any, name: str, *, out_dir: str | Path | None = None) -> dict[i
         if not groups:
             continue
         cells[n], answers = _cell(rt, groups)
-        records += [
-            {"model": name, "n": n, "key": list(g.key), "truth": g.values, "response": a}
-            for g, a in zip(groups, answers)
-        ]
+        records += _records(name, n, groups, answers)
+    _write_records(rt, out_dir / f"{name}.jsonl", records)
+    return cells
+
+
+def _records(name: str, n: int, groups: list[Any], answers: list[str]) -> list[dict[str, Any]]:
+    return [
+        {"model": name, "n": n, "key": list(g.key), "truth": g.values, "response": a} for g, a in zip(groups, answers)
+    ]
+
+
+def _write_records(rt: Any, path: Path, records: list[dict[str, Any]]) -> None:
     if rt.acc.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with (out_dir / f"{name}.jsonl").open("w") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".jsonl.tmp")
+        with tmp.open("w") as f:
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
-    return cells
+        tmp.replace(path)
 
 
 def _cell(rt: Any, groups: list[Any]) -> tuple[Any, list[str]]:
@@ -80,18 +89,23 @@ def _cell(rt: Any, groups: list[Any]) -> tuple[Any, list[str]]:
     return cell, answers
 
 
-def periodic_eval(rt: Any, groups_per_n: int) -> dict[str, float]:
+def periodic_eval(rt: Any, groups_per_n: int, responses: str | Path | None = None) -> dict[str, float]:
     """The held-out eval during training: greedy answers to the first ``groups_per_n`` fixed test groups of each
     N (0: all of them), as flat metrics ``eval/n<N>/<metric>`` and ``eval/n<N>/fail`` (the failure rate) for the
-    metrics log. All ranks call it (the groups are split across them like ``evaluate``)."""
+    metrics log; every response goes to the JSONL file ``responses`` when given. All ranks call it (the groups
+    are split across them like ``evaluate``)."""
     out: dict[str, float] = {}
+    records = []
     for n, groups in sorted(rt.test_groups.items()):
         groups = groups[:groups_per_n] if groups_per_n else groups
         if not groups:
             continue
-        cell, _ = _cell(rt, groups)
+        cell, answers = _cell(rt, groups)
         out[f"eval/n{n}/{cell.name}"] = cell.value
         out[f"eval/n{n}/fail"] = cell.failure_rate
+        records += _records(Path(responses).stem if responses else "periodic", n, groups, answers)
+    if responses is not None:
+        _write_records(rt, Path(responses), records)
     return out
 
 

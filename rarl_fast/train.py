@@ -392,14 +392,16 @@ def run_stage(rt: Runtime, st: StageState, logger: MetricsLogger, global_step: i
 
 
 def held_out_eval(rt: Runtime, logger: MetricsLogger) -> Any:
-    """``fn(global_step, stage_name)`` that runs the periodic held-out eval and logs it as its own metrics line
-    (with the stage, so plots keep their stage marks); None when ``logging.eval_every`` is 0."""
+    """``fn(global_step, stage_name)`` that runs the periodic held-out eval, logs it as its own metrics line
+    (with the stage, so plots keep their stage marks) and keeps its responses in
+    ``eval/periodic/<stage>-<step>.jsonl``; None when ``logging.eval_every`` is 0."""
     if not rt.cfg.logging.eval_every:
         return None
     from rarl_fast.evaluate import periodic_eval
 
     def run(global_step: int, stage: str) -> None:
-        metrics = periodic_eval(rt, rt.cfg.logging.eval_groups)
+        path = rt.run_dir / "eval" / "periodic" / f"{stage}-{global_step:07d}.jsonl"
+        metrics = periodic_eval(rt, rt.cfg.logging.eval_groups, path)
         logger.log(global_step, {**metrics, "stage": STAGE_IDS.get(stage, 0)}, advance=0)
 
     return run

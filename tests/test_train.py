@@ -83,7 +83,13 @@ def test_full_tiny_run_with_rmo(tiny_vlm_dir, tmp_path):
     # the periodic held-out eval: before the first step and every 2 steps, its own lines, stage-tagged
     evals = [r for r in logged if "reward/total" not in r]
     assert [(r["step"], r["stage"]) for r in evals] == [(0, 1), (2, 1), (4, 2)]
+    periodic = sorted(p.name for p in (rt.run_dir / "eval" / "periodic").iterdir())
+    assert periodic == ["stage1-0000000.jsonl", "stage1-0000002.jsonl", "stage2-0000004.jsonl"]
     cells = evaluate(rt, "final")  # the same greedy answers to the same (all 2) test groups per N
+    last = (rt.run_dir / "eval" / "periodic" / periodic[-1]).read_text().splitlines()
+    assert [json.loads(a)["response"] for a in last] == [
+        json.loads(a)["response"] for a in (rt.run_dir / "eval" / "final.jsonl").read_text().splitlines()
+    ]
     for n, cell in cells.items():
         assert evals[-1][f"eval/n{n}/{cell.name}"] == pytest.approx(cell.value, abs=1e-12)
         assert evals[-1][f"eval/n{n}/fail"] == pytest.approx(cell.failure_rate, abs=1e-12)
