@@ -336,6 +336,10 @@ class RMOConfig:
     think: Literal["fixed", "readings"] = "fixed"
     """Reasoning of the rendered ground truth (RMO's gt and the SFT target): METHOD.md's fixed `Reference answer.`,
     or `readings`, each image's value in prompt order (`Image 1: 7. Image 2: 3.`), then the sorted answer."""
+    baseline: Literal["group", "sampled"] = "group"
+    """What the sampled responses of a mutated group are normalized against: the whole mutated group (METHOD.md
+    eq. 9), or `sampled`, the sampled responses alone, so a high-reward reference does not push them all down
+    (our extension; the references keep their eq. 9 advantages)."""
     sigma_min: float = 1e-3
     """Reward-spread threshold below which a group is stagnant."""
     p_mut: float = 0.5

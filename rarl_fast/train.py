@@ -119,6 +119,7 @@ def mutate(
             mode=c.rmo.mode,
             source=c.rmo.source,
             think=c.rmo.think,
+            baseline=c.rmo.baseline,
             eos=eos,
             texts=texts[b * G : (b + 1) * G],
             group_keys=[g.key],

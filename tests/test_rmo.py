@@ -244,3 +244,41 @@ def test_mutation_renders_the_configured_reasoning():
     assert res.ref_texts[0].startswith("<think>Image 1: ")
     with pytest.raises(ValueError, match="think must be one of"):
         _run(rewards, [TRUTH4], think="free")
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False], ids=["grpo", "dr_grpo"])
+def test_sampled_baseline_normalizes_the_sampled_responses_among_themselves(scale_by_std):
+    # group 0 is mutated (mode always, p_mut 1, k_mut 1: its 0.1 is replaced); group 1 is perfect, never mutated
+    rewards = torch.tensor([[0.5, 0.1, 0.3, 0.7], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    kw = {"p_mut": 1.0, "mode": "always", "scale_by_std": scale_by_std}
+    group = _run(rewards, [TRUTH4, TRUTH4], **kw)
+    res = _run(rewards, [TRUTH4, TRUTH4], baseline="sampled", **kw)
+    assert res.mutated.tolist() == group.mutated.tolist() == [[False, True, False, False], [False] * 4]
+    assert torch.equal(res.rewards, group.rewards)
+    ref = float(res.ref_rewards[0])
+    assert res.advantages[0, 1] == group.advantages[0, 1]  # the reference keeps its eq. 9 advantage ...
+    assert float(group.advantages[0, 1]) > 0
+    sampled = torch.tensor([0.5, 0.3, 0.7], dtype=torch.float64)  # ... the sampled ones are centred on their own mean
+    centered = sampled - sampled.mean()
+    expect = centered / (centered.square().mean().sqrt() + 1e-6) if scale_by_std else centered
+    assert res.advantages[0, [0, 2, 3]].tolist() == pytest.approx(expect.tolist(), abs=1e-12)
+    assert float(res.advantages[0, [0, 2, 3]].sum()) == pytest.approx(0.0, abs=1e-12)
+    # eq. 9 pushes every sampled response down against the reference
+    whole = torch.tensor([0.5, ref, 0.3, 0.7], dtype=torch.float64)
+    assert float(group.advantages[0, [0, 2, 3]].sum()) < 0 and group.advantages[0, 1] == pytest.approx(
+        float((ref - whole.mean()) / ((whole - whole.mean()).square().mean().sqrt() + 1e-6))
+        if scale_by_std
+        else float(ref - whole.mean()),
+        abs=1e-12,
+    )
+    assert torch.equal(res.advantages[1], group.advantages[1])  # an unmutated group is untouched
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        _run(rewards, [TRUTH4, TRUTH4], baseline="mean")
+
+
+def test_sampled_baseline_of_a_stagnant_remainder_is_zero():
+    rewards = torch.tensor([[0.2, 0.2, 0.2, 0.2]], dtype=torch.float64)
+    res = _run(rewards, [TRUTH4], p_mut=1.0, k_mut=2, baseline="sampled")
+    assert int(res.mutated.sum()) == 2
+    assert res.advantages[~res.mutated].tolist() == [0.0, 0.0]  # no spread left among the sampled: no push
+    assert bool((res.advantages[res.mutated] > 0).all())

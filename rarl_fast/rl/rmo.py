@@ -28,6 +28,7 @@ from rarl_fast.rewards.score import score
 from rarl_fast.rl.advantages import group_advantages, group_std
 
 __all__ = [
+    "RMO_BASELINES",
     "RMO_MODES",
     "RMO_SOURCES",
     "THINK_STYLES",
@@ -40,6 +41,7 @@ __all__ = [
 
 RMO_MODES = ("stagnant", "always")
 RMO_SOURCES = ("gt", "best")
+RMO_BASELINES = ("group", "sampled")
 GT_THINK = "Reference answer."
 THINK_STYLES = ("fixed", "readings")
 
@@ -156,7 +158,9 @@ class RMOResult:
     metrics: dict[str, Tensor]
 
 
-def _check(rewards: Tensor, truths: Sequence[Sequence[float]], k_mut: int, mode: str, source: str, think: str) -> None:
+def _check(
+    rewards: Tensor, truths: Sequence[Sequence[float]], k_mut: int, mode: str, source: str, think: str, baseline: str
+) -> None:
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [B, G], got {tuple(rewards.shape)}")
     if len(truths) != rewards.shape[0]:
@@ -169,6 +173,20 @@ def _check(rewards: Tensor, truths: Sequence[Sequence[float]], k_mut: int, mode:
         raise ValueError(f"source must be one of {RMO_SOURCES}, got {source!r}")
     if think not in THINK_STYLES:
         raise ValueError(f"think must be one of {THINK_STYLES}, got {think!r}")
+    if baseline not in RMO_BASELINES:
+        raise ValueError(f"baseline must be one of {RMO_BASELINES}, got {baseline!r}")
+
+
+def _sampled_advantages(rewards: Tensor, mutated: Tensor, *, scale_by_std: bool, unbiased: bool, eps: float) -> Tensor:
+    """[B, G] advantages of every response against the mean (and std) of its group's unmutated responses only."""
+    keep = (~mutated).to(rewards.dtype)
+    count = keep.sum(dim=1, keepdim=True)
+    mean = (rewards * keep).sum(dim=1, keepdim=True) / count.clamp_min(1)
+    centered = rewards - mean
+    if not scale_by_std:
+        return centered
+    std = ((centered * keep).square().sum(dim=1, keepdim=True) / (count - int(unbiased)).clamp_min(1)).sqrt()
+    return centered / (std + eps)
 
 
 def _references(
@@ -213,6 +231,7 @@ def mutate_responses(
     mode: str = "stagnant",
     source: str = "gt",
     think: str = "fixed",
+    baseline: str = "group",
     eos: str = "",
     texts: Sequence[str] | None = None,
     group_keys: Sequence[Sequence[Hashable]] | None = None,
@@ -237,6 +256,9 @@ def mutate_responses(
         mode: `stagnant` (only stagnant groups are eligible) or `always`.
         source: `gt` or `best`.
         think: how the `gt` reference reasons (`gt_answer`): `fixed` (METHOD.md) or `readings`.
+        baseline: what the sampled (unmutated) responses of a mutated group are normalized against: `group`,
+            the whole mutated group (eq. 9), or `sampled`, the group's sampled responses alone (their
+            advantages then sum to zero as without RMO; the references keep their eq. 9 advantages).
         eos: EOS string appended to returned reference texts (references are scored without it).
         texts: B*G responses, group-major; needed with `cache` (and for `best`).
         group_keys: B group keys (tuples of sample ids); needed with `cache` (and for `best`).
@@ -244,7 +266,7 @@ def mutate_responses(
         scale_by_std, unbiased, eps: advantage arguments (`group_advantages`); `unbiased` also sets
             the std used for stagnation.
     """
-    _check(rewards, truths, k_mut, mode, source, think)
+    _check(rewards, truths, k_mut, mode, source, think, baseline)
     if source == "best" and cache is None:
         raise ValueError("source='best' needs a BestCache")
     if cache is not None and (texts is None or group_keys is None):
@@ -273,6 +295,9 @@ def mutate_responses(
     mutated = torch.zeros_like(rewards, dtype=torch.bool).scatter_(1, lowest, chosen.unsqueeze(1).expand(-1, k_mut))
     new_rewards = torch.where(mutated, ref_reward.unsqueeze(1), rewards)
     advantages = group_advantages(new_rewards, scale_by_std=scale_by_std, unbiased=unbiased, eps=eps)
+    if baseline == "sampled":
+        own = _sampled_advantages(rewards, mutated, scale_by_std=scale_by_std, unbiased=unbiased, eps=eps)
+        advantages = torch.where(mutated, advantages, own)
 
     if cache is not None:
         cache.update(group_keys, texts, rewards)  # type: ignore[arg-type]
