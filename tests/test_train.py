@@ -49,6 +49,7 @@ def tiny_overrides(tiny_dir: Path, out: Path, **extra: object) -> list[str]:
         "rollout.max_new_tokens": 56,
         "rmo.mode": "stagnant",
         "rmo.p_mut": 1.0,
+        "rmo.baseline": "group",  # METHOD.md eq. 9 (the committed reference curve was recorded with it)
         "optim.micro_batch_size": 2,
         "logging.progress_bar": "false",
         "checkpoint.save_every": 1,
@@ -70,13 +71,22 @@ def _weights(rt) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.timeout(300)
-def test_full_tiny_run_with_rmo(tiny_vlm_dir, tmp_path):
+def test_full_tiny_run_with_rmo(tiny_vlm_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForImageTextToText
 
+    import rarl_fast.train as train_mod
     from rarl_fast.evaluate import evaluate
 
+    seen, original = [], train_mod.mutate_responses
+
+    def recording(*args, **kw):
+        seen.append(kw["baseline"])
+        return original(*args, **kw)
+
+    monkeypatch.setattr(train_mod, "mutate_responses", recording)
     initial = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir).state_dict()
-    rt = _run_inprocess(tiny_vlm_dir, tmp_path, **{"logging.eval_every": 2})
+    rt = _run_inprocess(tiny_vlm_dir, tmp_path, **{"logging.eval_every": 2, "rmo.baseline": "sampled"})
+    assert seen and set(seen) == {"sampled"}  # the configured RMO baseline reaches every group's mutation
     logged = read_metrics(rt.run_dir)
     rows = [r for r in logged if "reward/total" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["stage"] for r in rows] == [1, 1, 2, 2]
