@@ -105,7 +105,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: Sequence[
     nrows = math.ceil(len(series) / cols)
     image = Image.new("RGB", (cols * _W, nrows * _H + 30), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((10, 8), f"{Path(run_dir).name}: {len(rows)} logged steps (red: stage change)", fill=(0, 0, 0))
+    steps = len({r.get("step") for r in rows})  # an eval line shares its step with a training line
+    draw.text((10, 8), f"{Path(run_dir).name}: {steps} logged steps (red: stage change)", fill=(0, 0, 0))
     for i, (key, pts) in enumerate(series):
         _panel(draw, ((i % cols) * _W, 30 + (i // cols) * _H), key, [p[0] for p in pts], [p[1] for p in pts], marks)
     out = Path(out) if out else Path(run_dir) / "curves.png"
