@@ -3,7 +3,8 @@
 After rewards and before advantages: in an eligible group (stagnant, or any group in mode `always`,
 whose mean reward is below the reference's reward minus `sigma_min`), with probability `p_mut` the
 `k_mut` lowest-reward responses are replaced by a reference answer, which is scored by the same
-reward, and the group's advantages are recomputed over the mutated group.
+reward, and the group's advantages are recomputed over the mutated group (with `baseline="sampled"`, our
+extension, the sampled responses are normalized among themselves and only the references take eq. 9's).
 
 References: `gt` renders the truth (`gt_answer`); `best` takes the highest-reward response seen so far
 for the same group key (`BestCache`) when it beats the group's best, else falls back to `gt`.
