@@ -178,18 +178,6 @@ def _check(
         raise ValueError(f"baseline must be one of {RMO_BASELINES}, got {baseline!r}")
 
 
-def _sampled_advantages(rewards: Tensor, mutated: Tensor, *, scale_by_std: bool, unbiased: bool, eps: float) -> Tensor:
-    """[B, G] advantages of every response against the mean (and std) of its group's unmutated responses only."""
-    keep = (~mutated).to(rewards.dtype)
-    count = keep.sum(dim=1, keepdim=True)
-    mean = (rewards * keep).sum(dim=1, keepdim=True) / count.clamp_min(1)
-    centered = rewards - mean
-    if not scale_by_std:
-        return centered
-    std = ((centered * keep).square().sum(dim=1, keepdim=True) / (count - int(unbiased)).clamp_min(1)).sqrt()
-    return centered / (std + eps)
-
-
 def _references(
     candidates: list[int],
     cached: list[tuple[str, float] | None],
@@ -296,9 +284,11 @@ def mutate_responses(
     mutated = torch.zeros_like(rewards, dtype=torch.bool).scatter_(1, lowest, chosen.unsqueeze(1).expand(-1, k_mut))
     new_rewards = torch.where(mutated, ref_reward.unsqueeze(1), rewards)
     advantages = group_advantages(new_rewards, scale_by_std=scale_by_std, unbiased=unbiased, eps=eps)
-    if baseline == "sampled":
-        own = _sampled_advantages(rewards, mutated, scale_by_std=scale_by_std, unbiased=unbiased, eps=eps)
-        advantages = torch.where(mutated, advantages, own)
+    if baseline == "sampled":  # the sampled rows of each mutated group, normalized among themselves
+        sampled = ~mutated & chosen.unsqueeze(1)
+        advantages[sampled] = group_advantages(
+            rewards[sampled], sampled.nonzero()[:, 0], n_groups, scale_by_std=scale_by_std, unbiased=unbiased, eps=eps
+        )
 
     if cache is not None:
         cache.update(group_keys, texts, rewards)  # type: ignore[arg-type]
