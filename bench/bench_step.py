@@ -110,18 +110,19 @@ def _loss_fn(provider: str, settings, counts):
 def _worker(args: dict, provider: str, queue) -> None:
     import torch
 
+    from rarl_fast.config_loader import config_from_dict
     from rarl_fast.data import build_train_groups, collate
     from rarl_fast.data.images import ImageCache
     from rarl_fast.data.samples import TaskData
     from rarl_fast.data.synthetic import load_synthetic
     from rarl_fast.model import load_processor
+    from rarl_fast.policy import CompletionStates, LossSettings, StepCounts, completion_states
     from rarl_fast.rewards import score
     from rarl_fast.rl.advantages import group_advantages
-    from rarl_fast.rl.loss import LossSettings, StepCounts
     from rarl_fast.rl.rmo import mutate_responses
     from rarl_fast.rl.splice import completion_texts, splice_references
-    from rarl_fast.rollout import GenerationParams, HFEngine, completion_states
-    from rarl_fast.rollout.policy import CompletionStates
+    from rarl_fast.rollout import GenerationParams, HFEngine
+    from rarl_fast.train import rmo_settings
     from rarl_kernels import fused_linear_logprobs, fused_linear_logprobs_ref
 
     device = torch.device(args["device"])
@@ -143,7 +144,9 @@ def _worker(args: dict, provider: str, queue) -> None:
     cache = ImageCache.for_processor(processor)
     engine = HFEngine(model, processor.tokenizer, eos_token_ids=[])
     params = GenerationParams(max_new_tokens=args["new_tokens"], seed=0)
-    settings = LossSettings(max_completion_length=args["new_tokens"])
+    cfg = config_from_dict({"rollout": {"max_new_tokens": args["new_tokens"]}, "rmo": {"p_mut": 1.0}})
+    settings = LossSettings.from_config(cfg)
+    rmo = rmo_settings(cfg, 0.5, 0.5, processor.tokenizer.eos_token)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     head = model.get_output_embeddings()
     impl = "torch" if provider == "torch" else None
@@ -161,10 +164,9 @@ def _worker(args: dict, provider: str, queue) -> None:
         rb = score(
             texts, [g.values for g in batch_groups for _ in range(G)], tolerance=2.0, alpha=0.5, beta=0.5, lam=0.2
         )
-        gen = torch.Generator().manual_seed(0)
         res = mutate_responses(
-            rb.total.view(len(batch_groups), G), [g.values for g in batch_groups], generator=gen,
-            tolerance=2.0, alpha=0.5, beta=0.5, lam=0.2, p_mut=1.0, eos=processor.tokenizer.eos_token,
+            rb.total.view(len(batch_groups), G), [g.values for g in batch_groups], rmo,
+            seeds=list(range(len(batch_groups))), tolerance=2.0,
         )  # fmt: skip
         ro = splice_references(ro, res.mutated, res.ref_texts, processor.tokenizer)
         adv = group_advantages(res.rewards).reshape(-1).float().to(device)

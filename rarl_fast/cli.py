@@ -15,14 +15,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from rarl_fast.config import load_config
+    from rarl_fast.config_loader import load_config
 
     return load_config(args.config, args.overrides)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     """Validate a config and print it resolved (YAML)."""
-    from rarl_fast.config import dump_config
+    from rarl_fast.config_loader import dump_config
 
     cfg = _load(args)
     text = dump_config(cfg, args.out)
@@ -69,7 +69,7 @@ def _table(cells, name: str, cfg, out_dir) -> None:
 
 def _evaluate_trained(args: argparse.Namespace, cfg, model, tag: str, row: str) -> int:
     """Unless --no-eval: evaluate the model just saved at ``model`` and print its table row."""
-    from rarl_fast.pipeline import run_eval, with_model
+    from rarl_fast.commands import run_eval, with_model
 
     if not args.no_eval:
         run_dir = model.parent
@@ -80,7 +80,7 @@ def _evaluate_trained(args: argparse.Namespace, cfg, model, tag: str, row: str) 
 def cmd_train(args: argparse.Namespace) -> int:
     """Two-stage RARL training (stage 1, then stage 2) of cfg.model; saves checkpoints and the final model, then
     evaluates it on the fixed test groups. Runs under `accelerate launch` for several processes."""
-    from rarl_fast.pipeline import run_rarl
+    from rarl_fast.commands import run_rarl
 
     cfg = _load(args)
     return _evaluate_trained(args, cfg, run_rarl(cfg, resume=args.resume), "rarl", "RARL")
@@ -88,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sft(args: argparse.Namespace) -> int:
     """Supervised fine-tuning on ground-truth answers (the SFT baseline); saves the model, then evaluates it."""
-    from rarl_fast.pipeline import run_sft
+    from rarl_fast.commands import run_sft
 
     cfg = _load(args)
     return _evaluate_trained(args, cfg, run_sft(cfg, steps=args.steps), "sft", "SFT")
@@ -98,7 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Greedy evaluation on the fixed test groups for each N: the paper-shaped table and every response."""
     from pathlib import Path
 
-    from rarl_fast.pipeline import run_eval, with_model
+    from rarl_fast.commands import run_eval, with_model
 
     cfg = with_model(_load(args), args.model)
     run_dir = Path(cfg.output_dir) / cfg.run_name

@@ -25,7 +25,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from rarl_fast.config import Config, dump_config
+from rarl_fast.config import Config
+from rarl_fast.config_loader import dump_config
 
 __all__ = ["demo_processes", "launch_command", "launched", "paired_tau_gap", "reward_rise", "run_demo"]
 
@@ -170,7 +171,7 @@ def _timed(times: dict[str, float], name: str, fn, *args, **kw):
 
 def _continued_sft(cfg: Config, warm: Path, steps: int, root: Path) -> tuple[Path, dict[int, Any], dict[str, float]]:
     """The baseline branch: ``steps`` more SFT steps from the warm start, then its evaluation."""
-    from rarl_fast.pipeline import run_eval, run_sft, with_model
+    from rarl_fast.commands import run_eval, run_sft, with_model
 
     times: dict[str, float] = {}
     more = _timed(times, "sft continued", run_sft, with_model(cfg, warm), steps=steps, run_dir=root / "sft_continued")
@@ -196,9 +197,9 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     a CPU machine with the cores for it, the continued-SFT baseline trains in a second process while RARL
     trains in this one (the two branches only share the warm start); elsewhere they run one after the other.
     """
+    from rarl_fast.commands import run_eval, run_rarl, run_sft, with_model
     from rarl_fast.evaluate import task_name, write_table
     from rarl_fast.model import resolve_model_path
-    from rarl_fast.pipeline import run_eval, run_rarl, run_sft, with_model
     from rarl_fast.plot import plot_run
 
     root = Path(cfg.output_dir) / cfg.run_name

@@ -7,6 +7,7 @@ for any number of processes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 
 from rarl_fast.rl.splice import completion_texts
 
-__all__ = ["evaluate", "generate_answers", "periodic_eval", "task_name", "write_table"]
+__all__ = ["evaluate", "generate_answers", "held_out_eval", "periodic_eval", "task_name", "write_table"]
 
 
 def task_name(cfg: Any) -> str:
@@ -107,6 +108,22 @@ def periodic_eval(rt: Any, groups_per_n: int, responses: str | Path | None = Non
     if responses is not None:
         _write_records(rt, Path(responses), records)
     return out
+
+
+def held_out_eval(rt: Any, logger: Any) -> Callable[[int, str], None] | None:
+    """``fn(global_step, stage_name)`` that runs the periodic held-out eval of ``train`` and ``sft``, logs it as its
+    own metrics line (with the stage, so plots keep their stage marks) and keeps its responses in
+    ``eval/periodic/<stage>-<step>.jsonl``; None when ``logging.eval_every`` is 0."""
+    if not rt.cfg.logging.eval_every:
+        return None
+    from rarl_fast.tracking import STAGE_IDS
+
+    def run(global_step: int, stage: str) -> None:
+        path = rt.run_dir / "eval" / "periodic" / f"{stage}-{global_step:07d}.jsonl"
+        metrics = periodic_eval(rt, rt.cfg.logging.eval_groups, path)
+        logger.log(global_step, {**metrics, "stage": STAGE_IDS[stage]}, advance=0)
+
+    return run
 
 
 def write_table(results: dict[str, dict[str, dict[int, Any]]], out_dir: str | Path, group_sizes: list[int]) -> str:

@@ -20,12 +20,13 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, ProcessorMixin
 
-    from rarl_fast.config import ModelConfig
+    from rarl_fast.config import LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "TINY_SPECIAL_TOKENS",
+    "apply_lora",
     "choose_attn_implementation",
     "choose_dtype",
     "load_model",
@@ -257,29 +258,42 @@ def _vision_parameters(model: torch.nn.Module) -> Iterable[torch.nn.Parameter]:
 
 def _model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return {
-        "dtype": cfg.dtype,
         "attn_implementation": cfg.attn_implementation,
         "use_liger": cfg.use_liger,
         "local_files_only": cfg.local_files_only,
     }
 
 
-def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrainedModel:
-    """The trainable policy as ``cfg`` says (checkpointing, frozen vision tower)."""
+def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu", *, train: bool = True) -> PreTrainedModel:
+    """The policy as ``cfg`` says. For training its weights are fp32 (the master weights; autocast gives bf16
+    compute on CUDA) with ``cfg``'s gradient checkpointing and frozen vision tower; for evaluation, ``cfg.dtype``."""
     path = resolve_model_path(cfg.name_or_path, cfg.tiny_dir, cfg.tiny_layers)
     return load_model(
         path,
         device=device,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        dtype="float32" if train else cfg.dtype,
+        gradient_checkpointing=cfg.gradient_checkpointing and train,
         freeze_vision=cfg.freeze_vision,
         **_model_kwargs(cfg),
     )
 
 
 def load_reference(cfg: ModelConfig, device: torch.device | str = "cpu") -> PreTrainedModel:
-    """The frozen reference: the same weights as the initial policy, eval mode, no gradients."""
+    """The frozen reference: the same weights as the initial policy, in ``cfg.dtype``, eval mode, no gradients."""
     path = resolve_model_path(cfg.name_or_path, cfg.tiny_dir, cfg.tiny_layers)
-    return load_model(path, device=device, trainable=False, **_model_kwargs(cfg))
+    return load_model(path, device=device, dtype=cfg.dtype, trainable=False, **_model_kwargs(cfg))
+
+
+def apply_lora(cfg: LoraConfig, model: PreTrainedModel) -> Any:
+    """``model`` wrapped by peft with LoRA adapters on ``cfg.target_modules`` (the peft model; its base model
+    shares the weights). The reference is then the base model with the adapters off."""
+    try:
+        import peft
+    except ImportError as err:
+        raise RuntimeError("model.lora.enabled=true needs peft: pip install 'rarl-fast[peft]'") from err
+    config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                             target_modules=list(cfg.target_modules))  # fmt: skip
+    return peft.get_peft_model(model, config)
 
 
 # ----------------------------------------------------------------------------------------------------------

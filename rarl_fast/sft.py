@@ -8,23 +8,29 @@ loss.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
+from rarl_fast.evaluate import held_out_eval
 from rarl_fast.rl.rmo import gt_answer
 from rarl_fast.rollout.base import Rollouts
 from rarl_fast.rollout.sampling import stable_seed
-from rarl_fast.runtime import Runtime, lr_at
-from rarl_fast.tracking import MetricsLogger
+from rarl_fast.runtime import Runtime
+from rarl_fast.schedule import lr_at
+from rarl_fast.tracking import STAGE_IDS, MetricsLogger
+from rarl_fast.update import NonFiniteCounter, build_optimizer, optimizer_step
+
+if TYPE_CHECKING:
+    from rarl_fast.data.groups import Group
 
 log = logging.getLogger(__name__)
 
 __all__ = ["sft_rollouts", "sft_step", "train_sft"]
 
 
-def sft_rollouts(rt: Runtime, groups: list[Any]) -> Rollouts:
+def sft_rollouts(rt: Runtime, groups: list[Group]) -> Rollouts:
     """One row per group: its prompt and its ground-truth answer as the completion."""
     from rarl_fast.data import collate
 
@@ -58,59 +64,50 @@ def sft_rollouts(rt: Runtime, groups: list[Any]) -> Rollouts:
     )
 
 
-def sft_step(rt: Runtime, groups: list[Any], lr: float) -> dict[str, float]:
-    """One optimizer step on this rank's groups; returns loss and grad norm (tensors)."""
+def sft_step(rt: Runtime, groups: list[Group], lr: float, nonfinite: NonFiniteCounter, where: str) -> dict[str, Any]:
+    """One optimizer step on this rank's groups: token-mean NLL of their answers over the step's global token
+    count; returns loss and grad norm (tensors)."""
     c, acc = rt.cfg, rt.acc
     ro = sft_rollouts(rt, groups)
     total_tokens = acc.reduce(ro.completion_mask.sum().float(), reduction="sum")
-    for g in rt.optimizer.param_groups:
-        g["lr"] = lr
     max_rows = c.sft.micro_batch_size or c.optim.micro_batch_size
     micro = rt.micro_batches(ro, max_rows, c.sft.micro_batch_tokens or c.optim.micro_batch_tokens)
-    loss_sum = torch.zeros((), device=rt.device)
-    for i, rows in enumerate(micro):
-        sync = i == len(micro) - 1
-        with nullcontext() if sync else acc.no_sync(rt.policy), acc.autocast():
-            nll, _ = rt.policy(ro.select(rows).trimmed(), mode="nll")
-            loss = nll / total_tokens.clamp(min=1) * acc.num_processes  # DDP averages over ranks
-            acc.backward(loss)
-        loss_sum = loss_sum + loss.detach()
-    grad_norm = acc.clip_grad_norm_(
-        [p for p in rt.policy.parameters() if p.requires_grad], c.optim.max_grad_norm or 1e9
-    )
-    rt.optimizer.step()
-    rt.optimizer.zero_grad(set_to_none=True)
-    return {"sft/loss": acc.reduce(loss_sum, reduction="mean"), "sft/grad_norm": torch.as_tensor(grad_norm)}
+    parts = [ro.select(rows).trimmed() for rows in micro]
+
+    def loss_of(i: int, part: Rollouts) -> Tensor:
+        nll, _ = rt.policy(part, mode="nll")
+        return nll / total_tokens.clamp(min=1) * acc.num_processes  # DDP averages over ranks
+
+    result = optimizer_step(rt, lr, parts, loss_of)
+    nonfinite.record(result.finite, where)
+    return {"sft/loss": acc.reduce(result.loss, reduction="mean"), "sft/grad_norm": result.grad_norm}
 
 
 def train_sft(rt: Runtime, *, steps: int, lr: float, mix: dict[int, float], seed_tag: str = "sft") -> None:
     """``steps`` SFT steps of ``sft.prompts_per_step`` groups drawn with the N ``mix``; logs to metrics.jsonl."""
     from rarl_fast.data import GroupSampler
-    from rarl_fast.train import held_out_eval
 
-    o = rt.cfg.optim
+    c = rt.cfg
     if rt.optimizer is None:
-        params = [p for p in rt.policy.parameters() if p.requires_grad]
-        rt.optimizer = rt.acc.prepare_optimizer(
-            torch.optim.AdamW(params, lr=lr, betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay)
-        )
+        rt.optimizer = build_optimizer(rt, lr)
     sampler = GroupSampler(
         {n: rt.train_groups[n] for n in mix},
         mix,
-        batch_size=rt.cfg.sft.prompts_per_step or rt.cfg.rollout.prompts_per_step,
-        seed=stable_seed(rt.cfg.seed, seed_tag) % (1 << 62),
+        batch_size=c.sft.prompts_per_step or c.rollout.prompts_per_step,
+        seed=stable_seed(c.seed, seed_tag) % (1 << 62),
     )
-    logger = MetricsLogger(rt.run_dir, rt.acc, total_steps=steps, progress_bar=rt.cfg.logging.progress_bar)
+    nonfinite = NonFiniteCounter(limit=c.optim.max_nonfinite_steps)
+    logger = MetricsLogger(rt.run_dir, rt.acc, total_steps=steps, progress_bar=c.logging.progress_bar)
     held_out = held_out_eval(rt, logger)
-    every = rt.cfg.logging.eval_every
     try:
         if held_out is not None:
             held_out(0, "sft")
         for step in range(steps):
             groups = rt.my_groups(sampler.next_batch())
-            metrics = sft_step(rt, groups, lr_at(step, peak=lr, total=steps, warmup_ratio=o.warmup_ratio))
-            logger.log(step + 1, {**metrics, "stage": 0})
-            if held_out is not None and (step + 1) % every == 0:
+            lr_now = lr_at(step, peak=lr, total=steps, warmup_ratio=c.optim.warmup_ratio)
+            metrics = sft_step(rt, groups, lr_now, nonfinite, f"sft step {step}")
+            logger.log(step + 1, {**metrics, "skipped_steps": nonfinite.total, "stage": STAGE_IDS["sft"]})
+            if held_out is not None and (step + 1) % c.logging.eval_every == 0:
                 held_out(step + 1, "sft")
     finally:
         logger.close()

@@ -16,7 +16,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricsLogger", "available_trackers", "read_metrics", "to_number", "truncate_metrics"]
+__all__ = ["STAGE_IDS", "MetricsLogger", "available_trackers", "read_metrics", "to_number", "truncate_metrics"]
+
+STAGE_IDS = {"sft": 0, "stage1": 1, "stage2": 2}
+"""The ``stage`` number of a metrics line: 0 for SFT, 1 and 2 for the RL stages."""
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The two-stage RARL trainer (METHOD.md sections 4-6).
+"""The two-stage RARL trainer (docs/method.md sections 4-6).
 
 One step reads top to bottom: ``rollout`` -> ``score`` -> ``mutate`` (RMO, stage 2) -> ``advantages`` ->
 ``update_policy`` -> ``log``. Stage 1 (1-image prompts, regression reward, no RMO) then stage 2 (mixed N, full
@@ -14,35 +14,35 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from rarl_fast.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rarl_fast.config import Config, StageConfig
+from rarl_fast.config import Config, ConfigError, StageConfig
+from rarl_fast.evaluate import held_out_eval
+from rarl_fast.policy import StepCounts
 from rarl_fast.rewards import RewardBreakdown, score
-from rarl_fast.rl.advantages import group_advantages, group_std
-from rarl_fast.rl.loss import StepCounts
-from rarl_fast.rl.rmo import BestCache, mutate_responses
+from rarl_fast.rl.advantages import group_advantages
+from rarl_fast.rl.rmo import BestCache, RMOSettings, longest_gt_answer, mutate_responses, stagnant_groups
 from rarl_fast.rl.splice import completion_texts, splice_references
 from rarl_fast.rollout.base import Rollouts
 from rarl_fast.rollout.sampling import stable_seed
-from rarl_fast.runtime import Runtime, build_runtime, check_completion_budget, lr_at
-from rarl_fast.tracking import MetricsLogger, truncate_metrics
+from rarl_fast.runtime import Runtime, build_runtime
+from rarl_fast.schedule import lr_at
+from rarl_fast.tracking import STAGE_IDS, MetricsLogger, truncate_metrics
+from rarl_fast.update import NonFiniteCounter, build_optimizer, optimizer_step, reset_optimizer
+
+if TYPE_CHECKING:
+    from rarl_fast.data.groups import Group, GroupSampler
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteError", "StageState", "run_stage", "train"]
+__all__ = ["StageState", "check_completion_budget", "run_stage", "train"]
 
 STAGES = ("stage1", "stage2")
-STAGE_IDS = {"stage1": 1, "stage2": 2}  # the ``stage`` of a metrics line (0: SFT)
-
-
-class NonFiniteError(RuntimeError):
-    """Too many non-finite losses or gradients in a row."""
 
 
 @dataclass
@@ -51,12 +51,12 @@ class StageState:
 
     name: str
     stage: StageConfig
-    sampler: Any  # GroupSampler
+    sampler: GroupSampler
     alpha: float
     beta: float
+    rmo: RMOSettings  # the stage's RMO settings (used when ``stage.rmo``)
+    nonfinite: NonFiniteCounter
     step: int = 0  # optimizer steps done in this stage
-    nonfinite_in_row: int = 0
-    nonfinite_total: int = 0
     best: BestCache = field(default_factory=BestCache)
 
 
@@ -65,7 +65,7 @@ class StageState:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def rollout(rt: Runtime, groups: list[Any], seed: int) -> Rollouts:
+def rollout(rt: Runtime, groups: list[Group], seed: int) -> Rollouts:
     """G completions for each of this rank's groups, sampled by the engine (counter-based seeds)."""
     from rarl_fast.data import collate
 
@@ -74,7 +74,7 @@ def rollout(rt: Runtime, groups: list[Any], seed: int) -> Rollouts:
         return rt.engine.generate(batch, rt.cfg.rollout.num_generations, rt.generation_params(seed))
 
 
-def score_rollouts(rt: Runtime, ro: Rollouts, groups: list[Any], alpha: float, beta: float) -> RewardBreakdown:
+def score_rollouts(rt: Runtime, ro: Rollouts, groups: list[Group], alpha: float, beta: float) -> RewardBreakdown:
     """The ranking-aware reward of every row (METHOD.md section 3) with the stage's weights."""
     G = ro.num_generations
     truths = [g.values for g in groups for _ in range(G)]
@@ -92,64 +92,36 @@ def score_rollouts(rt: Runtime, ro: Rollouts, groups: list[Any], alpha: float, b
 
 
 def mutate(
-    rt: Runtime, st: StageState, ro: Rollouts, rewards: Tensor, groups: list[Any], seed: int
-) -> tuple[Rollouts, Tensor, Tensor, dict[str, Tensor]]:
-    """RMO group by group (each with its own seeded generator, so a group's outcome does not depend on its
-    batch or rank); references are spliced into the rollouts. Returns rollouts, rewards [B, G], advantages
-    [B, G] and RMO metrics."""
-    c = rt.cfg
-    G = ro.num_generations
-    texts = completion_texts(ro, rt.tokenizer)
-    eos = rt.tokenizer.eos_token or ""
-    out_rewards, out_adv, mutated, refs, ref_rewards = [], [], [], [], []
-    for b, g in enumerate(groups):
-        gen = torch.Generator().manual_seed(stable_seed(seed, "rmo", g.key))
-        res = mutate_responses(
-            rewards[b : b + 1].cpu(),
-            [g.values],
-            generator=gen,
-            tolerance=float(g.tolerance),
-            alpha=st.alpha,
-            beta=st.beta,
-            lam=c.reward.lam,
-            weights=c.reward.weights,
-            p_mut=c.rmo.p_mut,
-            k_mut=c.rmo.k_mut,
-            sigma_min=c.rmo.sigma_min,
-            mode=c.rmo.mode,
-            source=c.rmo.source,
-            think=c.rmo.think,
-            baseline=c.rmo.baseline,
-            eos=eos,
-            texts=texts[b * G : (b + 1) * G],
-            group_keys=[g.key],
-            cache=st.best,
-            scale_by_std=c.loss.scale_by_std,
-            unbiased=c.loss.std_unbiased,
-        )
-        out_rewards.append(res.rewards)
-        out_adv.append(res.advantages)
-        mutated.append(res.mutated)
-        refs.append(res.ref_texts[0])
-        ref_rewards.append(res.ref_rewards)
-    if c.rmo.source == "best" and rt.acc.num_processes > 1:
+    rt: Runtime, st: StageState, ro: Rollouts, rewards: Tensor, groups: list[Group], seed: int
+) -> tuple[Rollouts, Tensor, Tensor, dict[str, tuple[Tensor, Any]]]:
+    """RMO over this rank's groups (each with its own seed, so a group's outcome does not depend on its batch or
+    rank); references are spliced into the rollouts. Returns rollouts, rewards [B, G], advantages [B, G] and
+    the RMO metric pairs."""
+    res = mutate_responses(
+        rewards.cpu(),
+        [g.values for g in groups],
+        st.rmo,
+        seeds=[stable_seed(seed, "rmo", g.key) for g in groups],
+        tolerance=[float(g.tolerance) for g in groups],
+        texts=completion_texts(ro, rt.tokenizer),
+        group_keys=[g.key for g in groups],
+        cache=st.best,
+    )
+    if st.rmo.source == "best" and rt.acc.num_processes > 1:
         share_best(st.best, [g.key for g in groups])
-    new_rewards = torch.cat(out_rewards).to(rewards.device)
-    mutated_t = torch.cat(mutated)
-    ro = splice_references(ro, mutated_t, refs, rt.tokenizer)
-    after = (group_std(new_rewards, unbiased=c.loss.std_unbiased) < c.rmo.sigma_min).double()
-    ref_r = torch.cat(ref_rewards)
-    chosen = torch.isfinite(ref_r)
+    ro = splice_references(ro, res.mutated, res.ref_texts, rt.tokenizer)
+    m = res.metrics
     metrics = {
-        "rmo/stagnant_after": (after.sum(), len(groups)),
-        "rmo/mutated": (mutated_t.sum().double(), _total(rt)),
-        "rmo/mutated_groups": (chosen.sum().double(), _total(rt)),
-        "rmo/ref_reward": (torch.where(chosen, ref_r, 0.0).sum(), chosen.sum()),
+        "rmo/stagnant_before": (m["stagnant_before"], m["groups"]),
+        "rmo/stagnant_after": (m["stagnant_after"], m["groups"]),
+        "rmo/mutated": (m["mutated"], _total(rt)),
+        "rmo/mutated_groups": (m["mutated_groups"], _total(rt)),
+        "rmo/ref_reward": (m["ref_reward_sum"], m["mutated_groups"]),
     }
-    return ro, new_rewards, torch.cat(out_adv).to(rewards.device), metrics
+    return ro, res.rewards.to(rewards.device), res.advantages.to(rewards.device), metrics
 
 
-def share_best(cache: Any, keys: list[Any]) -> None:
+def share_best(cache: BestCache, keys: list[Any]) -> None:
     """Every rank takes the entries the other ranks' groups of this step left in their RMO ``best`` caches, so a
     group drawn on another rank later still finds its best answer, and the main rank's checkpoint holds them all
     (a collective: every rank calls it at the same step)."""
@@ -163,82 +135,48 @@ def advantages(rt: Runtime, rewards: Tensor) -> Tensor:
     return group_advantages(rewards, scale_by_std=rt.cfg.loss.scale_by_std, unbiased=rt.cfg.loss.std_unbiased)
 
 
-def update_policy(rt: Runtime, st: StageState, ro: Rollouts, adv: Tensor) -> dict[str, Any]:
-    """``optim.update_epochs`` optimizer steps on this rollout batch: micro-batches with gradient accumulation,
-    loss normalized by the global token/row count, grad-norm clipping, non-finite steps skipped and counted."""
-    c, acc = rt.cfg, rt.acc
-    adv = adv.reshape(-1).to(rt.device)
+def step_counts(rt: Runtime, ro: Rollouts) -> StepCounts:
+    """The optimizer step's global completion-token and row counts (all micro-batches, all ranks)."""
     sizes = torch.tensor([float(ro.completion_mask.sum()), float(ro.num_rows)], device=rt.device)
-    sizes = acc.reduce(sizes, reduction="sum")
-    counts = StepCounts(tokens=int(sizes[0]), rows=int(sizes[1]), world_size=acc.num_processes)  # host sync: sizes
+    sizes = rt.acc.reduce(sizes, reduction="sum")
+    return StepCounts(tokens=int(sizes[0]), rows=int(sizes[1]), world_size=rt.acc.num_processes)  # host sync
+
+
+def update_policy(rt: Runtime, st: StageState, ro: Rollouts, adv: Tensor) -> dict[str, Any]:
+    """``optim.update_epochs`` optimizer steps on this rollout batch: length-planned micro-batches, the loss
+    normalized by the global token/row count, non-finite steps skipped and counted."""
+    c = rt.cfg
+    adv = adv.reshape(-1).to(rt.device)
+    counts = step_counts(rt, ro)
     micro = rt.micro_batches(ro, c.optim.micro_batch_size, c.optim.micro_batch_tokens)
     parts = [ro.select(rows).trimmed() for rows in micro]
     refs = [rt.reference_logprobs(p) for p in parts]
     olds: list[Tensor | None] = [None] * len(parts)
     if c.optim.update_epochs > 1:  # logp_old from the policy itself, before any update (mutated rows too)
-        with torch.no_grad(), acc.autocast():
+        with torch.no_grad(), rt.acc.autocast():
             olds = [rt.policy(p, mode="logprobs", temperature=c.rollout.temperature) for p in parts]
     settings = rt.loss_settings()
-    params = [p for p in rt.policy.parameters() if p.requires_grad]
     sums: dict[str, Tensor] = {}
+
+    def loss_of(i: int, part: Rollouts) -> Tensor:
+        loss, m = rt.policy(part, mode="loss", advantages=adv[micro[i]], logp_old=olds[i], logp_ref=refs[i],
+                            settings=settings, counts=counts)  # fmt: skip
+        tokens = part.completion_mask.sum()
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0) + v.detach().float() * tokens
+        return loss
+
     mu = c.optim.update_epochs
     for epoch in range(mu):
         lr = lr_at(st.step * mu + epoch, peak=st.stage.lr, total=st.stage.steps * mu, warmup_ratio=c.optim.warmup_ratio)
-        for g in rt.optimizer.param_groups:
-            g["lr"] = lr
-        loss_total = torch.zeros((), device=rt.device)
-        for i, (p, rows) in enumerate(zip(parts, micro)):
-            sync = i == len(parts) - 1
-            with nullcontext() if sync else acc.no_sync(rt.policy), acc.autocast():
-                loss, m = rt.policy(
-                    p,
-                    mode="loss",
-                    advantages=adv[rows],
-                    logp_old=olds[i],
-                    logp_ref=refs[i],
-                    settings=settings,
-                    counts=counts,
-                )
-                loss = inject_fault(loss, st)
-                acc.backward(loss)
-            loss_total = loss_total + loss.detach().float()
-            tokens = p.completion_mask.sum()
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0) + v.detach().float() * tokens
-        grad_norm = _grad_norm(acc, params, c.optim.max_grad_norm)
-        finite = torch.isfinite(loss_total) & torch.isfinite(grad_norm)
-        finite = acc.reduce(finite.float(), reduction="sum") == acc.num_processes
-        if bool(finite):  # host sync: skip decision must agree on all ranks
-            rt.optimizer.step()
-            st.nonfinite_in_row = 0
-        else:
-            st.nonfinite_in_row += 1
-            st.nonfinite_total += 1
-            log.warning("%s step %d: non-finite loss or gradient, step skipped", st.name, st.step)
-            if st.nonfinite_in_row >= c.optim.max_nonfinite_steps:
-                raise NonFiniteError(
-                    f"{st.nonfinite_in_row} non-finite losses/gradients in a row in {st.name} at step {st.step} "
-                    f"(optim.max_nonfinite_steps={c.optim.max_nonfinite_steps}): lower the lr or check the data"
-                )
-        rt.optimizer.zero_grad(set_to_none=True)
-    tokens = ro.completion_mask.sum().clamp(min=1)
-    out = {f"loss/{k}": (v, tokens) for k, v in sums.items()}
-    out["loss"] = (loss_total, 1)
-    out["grad_norm"] = (grad_norm, 1)
-    out["skipped_steps"] = (torch.tensor(float(st.nonfinite_total)), 1)
+        result = optimizer_step(rt, lr, parts, loss_of)
+        st.nonfinite.record(result.finite, f"{st.name} step {st.step}")
+    tokens = ro.completion_mask.sum().clamp(min=1) * mu  # the metrics are summed over the epochs
+    out: dict[str, Any] = {f"loss/{k}": (v, tokens) for k, v in sums.items()}
+    out["loss"] = (result.loss, 1)
+    out["grad_norm"] = (result.grad_norm, 1)
+    out["skipped_steps"] = (torch.tensor(float(st.nonfinite.total)), 1)
     return out
-
-
-def inject_fault(loss: Tensor, st: StageState) -> Tensor:
-    """Identity; tests replace it to inject a non-finite loss at a chosen step."""
-    return loss
-
-
-def _grad_norm(acc: Any, params: list[torch.nn.Parameter], max_norm: float) -> Tensor:
-    if max_norm > 0:
-        return torch.as_tensor(acc.clip_grad_norm_(params, max_norm)).float()
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,7 +184,7 @@ def _grad_norm(acc: Any, params: list[torch.nn.Parameter], max_norm: float) -> T
 # ----------------------------------------------------------------------------------------------------------
 
 
-def reward_metrics(rb: RewardBreakdown, ro: Rollouts, groups: list[Any]) -> dict[str, tuple[Tensor, Any]]:
+def reward_metrics(rb: RewardBreakdown, ro: Rollouts, groups: list[Group]) -> dict[str, tuple[Tensor, Any]]:
     """Reward components overall and per N (ranking components over N >= 2 rows only), parse failures,
     truncation, response length."""
     n_img = torch.tensor([g.n for g in groups for _ in range(ro.num_generations)], dtype=torch.float64)
@@ -312,14 +250,12 @@ def train_step(rt: Runtime, st: StageState) -> dict[str, Any]:
     rb = score_rollouts(rt, ro, groups, st.alpha, st.beta)
     rewards = rb.total.view(len(groups), ro.num_generations)
     pairs = reward_metrics(rb, ro, groups)
-    pairs["rmo/stagnant_before"] = (
-        (group_std(rewards, unbiased=rt.cfg.loss.std_unbiased) < rt.cfg.rmo.sigma_min).double().sum(),
-        len(groups),
-    )
     if st.stage.rmo:
         ro, rewards, adv, rmo_pairs = mutate(rt, st, ro, rewards, groups, step_seed)
         pairs.update(rmo_pairs)
     else:
+        stagnant = stagnant_groups(rewards, rt.cfg.rmo.sigma_min, unbiased=rt.cfg.loss.std_unbiased)
+        pairs["rmo/stagnant_before"] = (stagnant.double().sum(), len(groups))
         adv = advantages(rt, rewards)
     t2 = time.perf_counter()
     pairs.update(update_policy(rt, st, ro, adv))
@@ -345,23 +281,42 @@ def _trainer_state(rt: Runtime, st: StageState, global_step: int) -> dict[str, A
         "stage_step": st.step,
         "sampler": st.sampler.state_dict(),
         "best": st.best.state_dict(),
-        "nonfinite_total": st.nonfinite_total,
-        "nonfinite_in_row": st.nonfinite_in_row,
+        "nonfinite_total": st.nonfinite.total,
+        "nonfinite_in_row": st.nonfinite.in_row,
     }
+
+
+def rmo_settings(cfg: Config, alpha: float, beta: float, eos: str) -> RMOSettings:
+    """The RMO settings of a stage with reward weights ``alpha``/``beta`` (``cfg.rmo`` and the advantages')."""
+    r = cfg.rmo
+    return RMOSettings(
+        mode=r.mode, source=r.source, think=r.think, baseline=r.baseline, p_mut=r.p_mut, k_mut=r.k_mut,
+        sigma_min=r.sigma_min, alpha=alpha, beta=beta, lam=cfg.reward.lam, weights=cfg.reward.weights,
+        scale_by_std=cfg.loss.scale_by_std, unbiased=cfg.loss.std_unbiased, eos=eos,
+    )  # fmt: skip
 
 
 def make_stage(rt: Runtime, name: str) -> StageState:
     from rarl_fast.data import GroupSampler
 
-    stage: StageConfig = getattr(rt.cfg, name)
-    alpha, beta = rt.cfg.stage_reward_weights(stage)
+    c = rt.cfg
+    stage: StageConfig = getattr(c, name)
+    alpha, beta = c.stage_reward_weights(stage)
     sampler = GroupSampler(
         {n: rt.train_groups[n] for n in stage.group_mix},
         stage.group_mix,
-        batch_size=rt.cfg.rollout.prompts_per_step,
-        seed=stable_seed(rt.cfg.seed, name) % (1 << 62),
+        batch_size=c.rollout.prompts_per_step,
+        seed=stable_seed(c.seed, name) % (1 << 62),
     )
-    return StageState(name=name, stage=stage, sampler=sampler, alpha=alpha, beta=beta)
+    return StageState(
+        name=name,
+        stage=stage,
+        sampler=sampler,
+        alpha=alpha,
+        beta=beta,
+        rmo=rmo_settings(c, alpha, beta, rt.tokenizer.eos_token or ""),
+        nonfinite=NonFiniteCounter(limit=c.optim.max_nonfinite_steps),
+    )
 
 
 def run_stage(rt: Runtime, st: StageState, logger: MetricsLogger, global_step: int, evaluate_fn: Any = None) -> int:
@@ -392,36 +347,31 @@ def run_stage(rt: Runtime, st: StageState, logger: MetricsLogger, global_step: i
     return global_step
 
 
-def held_out_eval(rt: Runtime, logger: MetricsLogger) -> Any:
-    """``fn(global_step, stage_name)`` that runs the periodic held-out eval, logs it as its own metrics line
-    (with the stage, so plots keep their stage marks) and keeps its responses in
-    ``eval/periodic/<stage>-<step>.jsonl``; None when ``logging.eval_every`` is 0."""
-    if not rt.cfg.logging.eval_every:
-        return None
-    from rarl_fast.evaluate import periodic_eval
-
-    def run(global_step: int, stage: str) -> None:
-        path = rt.run_dir / "eval" / "periodic" / f"{stage}-{global_step:07d}.jsonl"
-        metrics = periodic_eval(rt, rt.cfg.logging.eval_groups, path)
-        logger.log(global_step, {**metrics, "stage": STAGE_IDS.get(stage, 0)}, advance=0)
-
-    return run
-
-
-def _reset_optimizer(rt: Runtime) -> None:
-    inner = getattr(rt.optimizer, "optimizer", rt.optimizer)
-    inner.state.clear()
+def check_completion_budget(cfg: Config, tokenizer: Any, train_groups: dict[int, list[Group]]) -> None:
+    """docs/method.md section 5: with RMO on, ``rollout.max_new_tokens`` must hold the longest ``gt`` answer (+ EOS),
+    else a mutated row would be cut short; a :class:`ConfigError` before the first step."""
+    if not any(s.enabled and s.rmo for s in (cfg.stage1, cfg.stage2)):
+        return
+    sizes = {n for s in (cfg.stage1, cfg.stage2) if s.enabled and s.rmo for n in s.group_mix}
+    truths = [g.values for n in sizes for g in train_groups.get(n, [])]
+    need = longest_gt_answer(
+        truths,
+        eos=tokenizer.eos_token or "",
+        length=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+        think=cfg.rmo.think,
+    )
+    if cfg.rollout.max_new_tokens < need:
+        got = cfg.rollout.max_new_tokens
+        raise ConfigError(
+            "rollout.max_new_tokens", f"{got} is shorter than the longest RMO reference answer ({need} tokens)"
+        )
 
 
 def train(cfg: Config, *, resume: bool = False, run_dir: Any = None) -> Runtime:
     """Stage 1 then stage 2 (each if enabled); resumes from the latest complete checkpoint when asked."""
     rt = build_runtime(cfg, train=True, run_dir=run_dir)
     check_completion_budget(cfg, rt.tokenizer, rt.train_groups)
-    params = [p for p in rt.policy.parameters() if p.requires_grad]
-    o = cfg.optim
-    rt.optimizer = rt.acc.prepare_optimizer(
-        torch.optim.AdamW(params, lr=cfg.stage1.lr, betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay)
-    )
+    rt.optimizer = build_optimizer(rt, cfg.stage1.lr)
     total = sum(getattr(cfg, s).steps for s in STAGES if getattr(cfg, s).enabled)
     if rt.acc.log_with:
         rt.acc.init_trackers(cfg.run_name)
@@ -449,10 +399,10 @@ def train(cfg: Config, *, resume: bool = False, run_dir: Any = None) -> Runtime:
                 st.step = int(restored["stage_step"])
                 st.sampler.load_state_dict(restored["sampler"])
                 st.best.load_state_dict(restored["best"])
-                st.nonfinite_total = int(restored["nonfinite_total"])
-                st.nonfinite_in_row = int(restored["nonfinite_in_row"])
+                st.nonfinite.total = int(restored["nonfinite_total"])
+                st.nonfinite.in_row = int(restored["nonfinite_in_row"])
             else:
-                _reset_optimizer(rt)
+                reset_optimizer(rt.optimizer)
             global_step = run_stage(rt, st, logger, global_step, held_out)
     finally:
         logger.close()

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rarl_fast.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
+from rarl_fast.config import Config, ConfigError
+from rarl_fast.config_loader import config_from_dict, config_to_dict, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))

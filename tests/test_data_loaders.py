@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rarl_fast.config import load_config
+from rarl_fast.config_loader import load_config
 from rarl_fast.data import DataNotFoundError, load_task
 from rarl_fast.data.coco import load_cocorem
 from rarl_fast.data.images import check_images, probe_image

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from rarl_fast.config import load_config
+from rarl_fast.config_loader import load_config
 from rarl_fast.data import SyntheticImage, load_task
 from rarl_fast.data.synthetic import load_synthetic, synthetic_samples
 

@@ -9,15 +9,29 @@ import pytest
 import torch
 
 from rarl_fast.rewards import score
-from rarl_fast.rl import BestCache, group_advantages, group_std, gt_answer, longest_gt_answer, mutate_responses
+from rarl_fast.rl import (
+    BestCache,
+    RMOSettings,
+    group_advantages,
+    group_std,
+    gt_answer,
+    longest_gt_answer,
+    mutate_responses,
+)
+from rarl_fast.rl.rmo import group_draws, lowest_k
 
 REWARD = {"alpha": 0.5, "beta": 0.5, "lam": 0.2}
 TRUTH4 = [31.0, 12.0, 55.0, 40.0]
+SETTINGS = {"mode": "stagnant", "source": "gt", "think": "fixed", "baseline": "group", "p_mut": 0.5, "k_mut": 1,
+            "sigma_min": 1e-3, **REWARD, "weights": (1 / 3, 1 / 3, 1 / 3), "scale_by_std": True,
+            "unbiased": False}  # fmt: skip
 
 
-def _run(rewards, truths, seed=0, **kw):
-    args = {"tolerance": 10.0, **REWARD, **kw}
-    return mutate_responses(rewards, truths, generator=torch.Generator().manual_seed(seed), **args)
+def _run(rewards, truths, seed=0, *, tolerance=10.0, texts=None, group_keys=None, cache=None, **kw):
+    settings = RMOSettings(**{**SETTINGS, **kw})
+    seeds = [1000 * seed + b for b in range(rewards.shape[0])]
+    return mutate_responses(rewards, truths, settings, seeds=seeds, tolerance=tolerance, texts=texts,
+                            group_keys=group_keys, cache=cache)  # fmt: skip
 
 
 def _random_groups(seed: int, groups: int = 24, size: int = 8):
@@ -121,12 +135,13 @@ def test_p_mut_one_mutates_every_eligible_stagnant_group(seed):
         else:
             assert res.ref_texts[b] is None and math.isnan(res.ref_rewards[b].item())
     m = res.metrics
-    assert m["stagnant_frac_before"].item() == pytest.approx(stagnant.double().mean().item())
-    after = (group_std(res.rewards) < 1e-3).double().mean().item()  # a 0.9985 group stays under sigma_min
-    assert m["stagnant_frac_after"].item() == pytest.approx(after)
-    assert after < m["stagnant_frac_before"].item()
+    assert m["groups"].item() == len(truths)
+    assert m["stagnant_before"].item() == stagnant.sum().item()
+    after = (group_std(res.rewards) < 1e-3).sum().item()  # a 0.9985 group stays under sigma_min
+    assert m["stagnant_after"].item() == after
+    assert after < m["stagnant_before"].item()
     assert m["mutated"].item() == int(eligible.sum()) == m["mutated_groups"].item()
-    assert m["ref_reward_mean"].item() == pytest.approx(gt_reward[eligible].mean().item())
+    assert m["ref_reward_sum"].item() == pytest.approx(gt_reward[eligible].sum().item())
 
 
 def test_perfect_group_never_mutated():
@@ -150,8 +165,8 @@ def test_p_mut_zero_changes_nothing(mode):
     assert not bool(res.mutated.any())
     torch.testing.assert_close(res.advantages, group_advantages(rewards), atol=0, rtol=0)
     assert res.ref_texts == [None] * len(truths)
-    assert res.metrics["mutated"].item() == 0 and math.isnan(res.metrics["ref_reward_mean"].item())
-    assert res.metrics["stagnant_frac_after"].item() == res.metrics["stagnant_frac_before"].item()
+    assert res.metrics["mutated"].item() == 0 and res.metrics["ref_reward_sum"].item() == 0
+    assert res.metrics["stagnant_after"].item() == res.metrics["stagnant_before"].item()
 
 
 def test_same_seed_same_result_and_seeded_tie_breaking():
@@ -229,9 +244,10 @@ def test_best_cache_consulted_before_update_and_round_trips():
 
 @pytest.mark.parametrize(
     "kw",
-    [{"k_mut": 0}, {"k_mut": 4}, {"mode": "never"}, {"source": "oracle"}, {"source": "best"}, {"cache": BestCache()}],
-    ids=["k0", "k=G", "mode", "source", "best-without-cache", "cache-without-texts"],
-)
+    [{"k_mut": 0}, {"k_mut": 4}, {"mode": "never"}, {"source": "oracle"}, {"source": "best"}, {"cache": BestCache()},
+     {"p_mut": 1.5}],
+    ids=["k0", "k=G", "mode", "source", "best-without-cache", "cache-without-texts", "p_mut"],
+)  # fmt: skip
 def test_bad_arguments_raise(kw):
     with pytest.raises(ValueError):
         _run(torch.zeros(2, 4, dtype=torch.float64), [TRUTH4, TRUTH4], **kw)
@@ -282,3 +298,25 @@ def test_sampled_baseline_of_a_stagnant_remainder_is_zero():
     assert int(res.mutated.sum()) == 2
     assert res.advantages[~res.mutated].tolist() == [0.0, 0.0]  # no spread left among the sampled: no push
     assert bool((res.advantages[res.mutated] > 0).all())
+
+
+def test_a_group_outcome_depends_on_its_seed_alone():
+    """The trainer mutates all of a rank's groups in one call; each group's draws come from its own seed, so the
+    result equals mutating the groups one at a time (and so does not depend on the batch or the rank)."""
+    rewards, truths = _random_groups(3)
+    settings = RMOSettings(**{**SETTINGS, "p_mut": 0.5, "mode": "always", "baseline": "sampled"})
+    seeds = list(range(100, 100 + len(truths)))
+    whole = mutate_responses(rewards, truths, settings, seeds=seeds, tolerance=10.0)
+    for b in range(len(truths)):
+        one = mutate_responses(rewards[b : b + 1], [truths[b]], settings, seeds=[seeds[b]], tolerance=10.0)
+        assert torch.equal(one.mutated[0], whole.mutated[b]) and torch.equal(one.advantages[0], whole.advantages[b])
+        assert one.ref_texts[0] == whole.ref_texts[b]
+    draw, ties = group_draws([7, 7, 8], 4)
+    assert draw[0] == draw[1] != draw[2] and torch.equal(ties[0], ties[1])
+
+
+def test_lowest_k_breaks_ties_by_the_keys():
+    rewards = torch.tensor([[0.2, 0.1, 0.1, 0.5]], dtype=torch.float64)
+    assert lowest_k(rewards, 2, torch.tensor([[0.0, 0.9, 0.1, 0.0]])).tolist() == [[2, 1]]
+    assert lowest_k(rewards, 2, torch.tensor([[0.0, 0.1, 0.9, 0.0]])).tolist() == [[1, 2]]
+    assert lowest_k(rewards, 3, torch.rand(1, 4))[0, 2].item() == 0

@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from rarl_fast.model import load_model, load_processor
-from rarl_fast.rollout import GenerationParams, HFEngine, Rollouts, completion_states, make_engine
+from rarl_fast.policy import completion_states, logprobs_ref
+from rarl_fast.rollout import GenerationParams, HFEngine, Rollouts, make_engine
 from rarl_fast.rollout.base import plan_micro_batches
-from rarl_fast.rollout.policy import logprobs_ref
 from rarl_fast.rollout.sampling import filter_logits
 from tests.helpers.rollout_batch import prompt_batch
 

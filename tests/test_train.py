@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from rarl_fast.checkpoint import complete_checkpoints, latest_checkpoint
-from rarl_fast.config import ConfigError, load_config
+from rarl_fast.config import ConfigError
+from rarl_fast.config_loader import load_config
 from rarl_fast.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,9 +80,9 @@ def test_full_tiny_run_with_rmo(tiny_vlm_dir, tmp_path, monkeypatch):
 
     seen, original = [], train_mod.mutate_responses
 
-    def recording(*args, **kw):
-        seen.append(kw["baseline"])
-        return original(*args, **kw)
+    def recording(rewards, truths, settings, **kw):
+        seen.append(settings.baseline)
+        return original(rewards, truths, settings, **kw)
 
     monkeypatch.setattr(train_mod, "mutate_responses", recording)
     initial = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir).state_dict()
@@ -167,30 +168,43 @@ def test_completion_budget_is_checked(tiny_vlm_dir, tmp_path):
         _run_inprocess(tiny_vlm_dir, tmp_path, **{"rollout.max_new_tokens": 20})
 
 
+def _nan_losses(monkeypatch, when) -> dict[str, int]:
+    """Make the GRPO loss NaN in the train steps for which ``when(stage_state)`` holds (counted in the result)."""
+    import rarl_fast.train as train_mod
+    from rarl_fast.policy import PolicyModule
+
+    current, calls = {}, {"n": 0}
+    original_step, original_forward = train_mod.train_step, PolicyModule.forward
+
+    def train_step(rt, st):
+        current["st"] = st
+        return original_step(rt, st)
+
+    def forward(self, rollouts, *, mode="loss", **kw):
+        out = original_forward(self, rollouts, mode=mode, **kw)
+        if mode == "loss" and when(current["st"]):
+            calls["n"] += 1
+            return out[0] * float("nan"), out[1]
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", train_step)
+    monkeypatch.setattr(PolicyModule, "forward", forward)
+    return calls
+
+
 @pytest.mark.timeout(300)
 def test_nonfinite_loss_is_skipped_and_counted(tiny_vlm_dir, tmp_path, monkeypatch):
-    import rarl_fast.train as train_mod
+    from rarl_fast.update import NonFiniteError
 
-    calls = {"n": 0}
-
-    def nan_at_first_stage2_step(loss, st):
-        if st.name == "stage2" and st.step == 0:
-            calls["n"] += 1
-            return loss * float("nan")
-        return loss
-
-    monkeypatch.setattr(train_mod, "inject_fault", nan_at_first_stage2_step)
+    calls = _nan_losses(monkeypatch, lambda st: st.name == "stage2" and st.step == 0)
     rt = _run_inprocess(tiny_vlm_dir, tmp_path, **{"stage1.enabled": "false"})
     rows = read_metrics(rt.run_dir)
     assert calls["n"] >= 1
     assert rows[0]["skipped_steps"] == 1 and rows[1]["skipped_steps"] == 1  # counted once, kept in the count
     assert rows[0]["loss"] is None  # NaN logged as missing, never as a number
 
-    def always_nan(loss, st):
-        return loss * float("nan")
-
-    monkeypatch.setattr(train_mod, "inject_fault", always_nan)
-    with pytest.raises(train_mod.NonFiniteError, match="non-finite"):
+    _nan_losses(monkeypatch, lambda st: True)
+    with pytest.raises(NonFiniteError, match="non-finite"):
         _run_inprocess(
             tiny_vlm_dir,
             tmp_path / "again",
@@ -560,7 +574,7 @@ def test_best_answers_are_shared_across_ranks(monkeypatch):
 
 
 def test_balanced_shares_split_the_images_evenly():
-    from rarl_fast.runtime import balanced_shares
+    from rarl_fast.data_parallel import balanced_shares
 
     costs = [9, 3, 5, 5, 3, 5, 2, 3]  # images + 1 of one stage-2 batch: N = 8, 2, 4, 4, 2, 4, 1, 2
     shares = balanced_shares(costs, 2)
@@ -576,7 +590,7 @@ def test_completion_budget_counts_the_reasoning_of_the_reference():
     from types import SimpleNamespace
 
     from rarl_fast.rl.rmo import gt_answer
-    from rarl_fast.runtime import check_completion_budget
+    from rarl_fast.train import check_completion_budget
 
     class CharTokenizer:  # one token per character
         eos_token = "<e>"

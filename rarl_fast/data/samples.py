@@ -10,24 +10,36 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias, runtime_checkable
 
 if TYPE_CHECKING:
-    from rarl_fast.data.synthetic import SyntheticImage
+    from PIL import Image
 
 __all__ = [
     "DataNotFoundError",
     "ImageRef",
     "LoadReport",
     "Metric",
+    "RenderedImage",
     "Sample",
     "TaskData",
     "hash_unit",
     "seeded_subset",
 ]
 
-ImageRef: TypeAlias = "str | SyntheticImage"
-"""Where a sample's image comes from: an absolute file path, or a synthetic spec that renders deterministically."""
+
+
+@runtime_checkable
+class RenderedImage(Protocol):
+    """An image drawn on demand from a deterministic spec (the synthetic benchmark's), instead of read from a file."""
+
+    def render(self) -> Image.Image:
+        """The image, the same pixels every time."""
+        ...
+
+
+ImageRef: TypeAlias = "str | RenderedImage"
+"""Where a sample's image comes from: an absolute file path, or a spec that renders deterministically."""
 
 Metric = Literal["mae", "accuracy", "srcc"]
 
@@ -43,7 +55,7 @@ class Sample:
     Attributes:
         sample_id: stable and unique within the dataset (file name, AVA id, ``<image_id>:<category>``...).
         value: the true value (float; integer-valued for age and counts).
-        image: an absolute file path or a :class:`~rarl_fast.data.synthetic.SyntheticImage`.
+        image: an absolute file path or a :class:`RenderedImage` (e.g. a synthetic benchmark image).
         category: the COCO category name for counting (groups of N are drawn within one category), else None.
     """
 

@@ -20,7 +20,7 @@ import json
 import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -34,17 +34,35 @@ __all__ = [
     "RMO_SOURCES",
     "THINK_STYLES",
     "BestCache",
+    "RMOBaseline",
+    "RMOMode",
     "RMOResult",
+    "RMOSettings",
+    "RMOSource",
+    "ThinkStyle",
+    "group_draws",
     "gt_answer",
     "longest_gt_answer",
+    "lowest_k",
     "mutate_responses",
+    "mutated_advantages",
+    "stagnant_groups",
 ]
 
-RMO_MODES = ("stagnant", "always")
-RMO_SOURCES = ("gt", "best")
-RMO_BASELINES = ("group", "sampled")
+RMOMode = Literal["stagnant", "always"]
+"""Which groups may be mutated: stagnant ones (std(R) < sigma_min), or every group."""
+RMOSource = Literal["gt", "best"]
+"""Where the reference comes from: the rendered ground truth, or the group's best response seen so far."""
+RMOBaseline = Literal["group", "sampled"]
+"""What a mutated group's sampled responses are normalized against: the whole mutated group (eq. 9), or
+themselves alone (our extension)."""
+ThinkStyle = Literal["fixed", "readings"]
+"""How the rendered ground truth reasons: the fixed ``Reference answer.``, or each image's value in prompt order."""
+RMO_MODES: tuple[str, ...] = get_args(RMOMode)
+RMO_SOURCES: tuple[str, ...] = get_args(RMOSource)
+RMO_BASELINES: tuple[str, ...] = get_args(RMOBaseline)
+THINK_STYLES: tuple[str, ...] = get_args(ThinkStyle)
 GT_THINK = "Reference answer."
-THINK_STYLES = ("fixed", "readings")
 
 
 def _json_number(v: float) -> int | float:
@@ -138,6 +156,53 @@ class BestCache:
 
 
 @dataclass(frozen=True)
+class RMOSettings:
+    """Plain values of one stage's RMO (built once per stage by the trainer from ``cfg.rmo`` and the stage's
+    reward weights; docs/method.md section 5).
+
+    Attributes:
+        mode, source, think, baseline: see :data:`RMOMode`, :data:`RMOSource`, :data:`ThinkStyle`,
+            :data:`RMOBaseline`.
+        p_mut: probability that an eligible group is mutated.
+        k_mut: responses replaced per mutated group, in [1, G - 1].
+        sigma_min: stagnation threshold on std(R), also the margin the reference must clear.
+        alpha, beta, lam, weights: the reward arguments of ``score`` that references are scored with.
+        scale_by_std, unbiased, eps: the advantage arguments (``group_advantages``); ``unbiased`` also sets the
+            std used for stagnation.
+        eos: EOS string appended to returned reference texts (references are scored without it).
+    """
+
+    mode: RMOMode
+    source: RMOSource
+    think: ThinkStyle
+    baseline: RMOBaseline
+    p_mut: float
+    k_mut: int
+    sigma_min: float
+    alpha: float
+    beta: float
+    lam: float
+    weights: tuple[float, float, float]
+    scale_by_std: bool
+    unbiased: bool
+    eos: str = ""
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("mode", RMO_MODES), ("source", RMO_SOURCES), ("think", THINK_STYLES),
+                              ("baseline", RMO_BASELINES)):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.k_mut < 1:
+            raise ValueError(f"k_mut must be >= 1, got {self.k_mut}")
+        if not 0 <= self.p_mut <= 1:
+            raise ValueError(f"p_mut must be in [0, 1], got {self.p_mut}")
+
+    def score_kwargs(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "beta": self.beta, "lam": self.lam, "weights": self.weights}
+
+
+@dataclass(frozen=True)
 class RMOResult:
     """Outcome of `mutate_responses` for B groups of G responses.
 
@@ -147,8 +212,9 @@ class RMOResult:
         mutated: [B, G] bool, rows replaced by a reference (the `is_mutated` flag; they are off-policy).
         ref_texts: B entries, the reference text with EOS appended for mutated groups, else None.
         ref_rewards: [B] float64, the reference's reward for mutated groups, NaN elsewhere.
-        metrics: 0-dim tensors `stagnant_frac_before`, `stagnant_frac_after`, `mutated` (rows),
-            `mutated_groups`, `ref_reward_mean` (NaN when no group was mutated).
+        metrics: 0-dim float64 counts and sums over the B groups, so callers can average over any set of groups
+            (ranks, steps): `groups`, `stagnant_before` and `stagnant_after` (groups with std(R) < sigma_min
+            before and after mutation), `mutated` (rows), `mutated_groups`, `ref_reward_sum` (over mutated groups).
     """
 
     rewards: Tensor
@@ -159,23 +225,45 @@ class RMOResult:
     metrics: dict[str, Tensor]
 
 
-def _check(
-    rewards: Tensor, truths: Sequence[Sequence[float]], k_mut: int, mode: str, source: str, think: str, baseline: str
-) -> None:
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [B, G], got {tuple(rewards.shape)}")
-    if len(truths) != rewards.shape[0]:
-        raise ValueError(f"got {rewards.shape[0]} groups but {len(truths)} truths")
-    if not 1 <= k_mut < rewards.shape[1]:
-        raise ValueError(f"k_mut must be in [1, G - 1] so a mutated group keeps a spread, got {k_mut}")
-    if mode not in RMO_MODES:
-        raise ValueError(f"mode must be one of {RMO_MODES}, got {mode!r}")
-    if source not in RMO_SOURCES:
-        raise ValueError(f"source must be one of {RMO_SOURCES}, got {source!r}")
-    if think not in THINK_STYLES:
-        raise ValueError(f"think must be one of {THINK_STYLES}, got {think!r}")
-    if baseline not in RMO_BASELINES:
-        raise ValueError(f"baseline must be one of {RMO_BASELINES}, got {baseline!r}")
+def stagnant_groups(rewards: Tensor, sigma_min: float, *, unbiased: bool = False) -> Tensor:
+    """[B] bool: groups of [B, G] rewards whose std is below ``sigma_min`` (no gradient signal left)."""
+    return group_std(rewards, unbiased=unbiased) < sigma_min
+
+
+def group_draws(seeds: Sequence[int], group_size: int) -> tuple[Tensor, Tensor]:
+    """The randomness of RMO, one generator per group seeded by ``seeds[b]``: [B] uniforms that decide
+    ``p_mut``, then [B, G] uniforms that break reward ties; a group's draws depend on its seed alone, so its
+    outcome does not depend on its batch or rank."""
+    draw, ties = [], []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(int(seed))
+        draw.append(torch.rand(1, generator=gen, dtype=torch.float64))
+        ties.append(torch.rand(1, group_size, generator=gen, dtype=torch.float64))
+    empty = torch.zeros(0, dtype=torch.float64)
+    return (torch.cat(draw) if draw else empty), (torch.cat(ties) if ties else empty.view(0, group_size))
+
+
+def lowest_k(rewards: Tensor, k: int, tie_keys: Tensor) -> Tensor:
+    """[B, k] column indices of the k lowest rewards of each group; equal rewards are ordered by ``tie_keys``
+    [B, G] (random), so a stagnant group loses a random response, not always the first."""
+    shuffle = tie_keys.argsort(dim=1)
+    return shuffle.gather(1, rewards.gather(1, shuffle).argsort(dim=1, stable=True))[:, :k]
+
+
+def mutated_advantages(
+    rewards: Tensor, mutated: Tensor, chosen: Tensor, baseline: str, *, scale_by_std: bool, unbiased: bool, eps: float
+) -> Tensor:
+    """[B, G] advantages of the mutated rewards (eq. 9 over each whole group); with ``baseline="sampled"`` the
+    sampled rows of each chosen (mutated) group are normalized among themselves instead, so their advantages
+    sum to zero as without RMO, while the references keep their eq. 9 advantage."""
+    advantages = group_advantages(rewards, scale_by_std=scale_by_std, unbiased=unbiased, eps=eps)
+    if baseline == "sampled":
+        sampled = ~mutated & chosen.unsqueeze(1)
+        advantages[sampled] = group_advantages(
+            rewards[sampled], sampled.nonzero()[:, 0], rewards.shape[0], scale_by_std=scale_by_std,
+            unbiased=unbiased, eps=eps,
+        )  # fmt: skip
+    return advantages
 
 
 def _references(
@@ -184,18 +272,19 @@ def _references(
     group_best: list[float],
     truths: Sequence[Sequence[float]],
     tolerance: Tensor,
-    score_kwargs: dict[str, Any],
-    think: str,
+    settings: RMOSettings,
 ) -> tuple[list[str], list[float]]:
     """Reference text (no EOS) and reward per candidate group: its cached best if that beats the group, else gt.
 
     All references are scored in one `score` call; a cached entry's stored reward is not trusted.
     """
-    gt = [gt_answer(truths[b], think) for b in candidates]
+    gt = [gt_answer(truths[b], settings.think) for b in candidates]
     extra = [i for i, c in enumerate(cached) if c is not None]
     texts = gt + [cached[i][0] for i in extra]  # type: ignore[index]
     groups = candidates + [candidates[i] for i in extra]
-    totals = score(texts, [truths[b] for b in groups], tolerance=tolerance[groups], **score_kwargs).total.tolist()
+    totals = score(
+        texts, [truths[b] for b in groups], tolerance=tolerance[groups], **settings.score_kwargs()
+    ).total.tolist()
     ref_texts, ref_rewards = gt, totals[: len(candidates)]
     for slot, i in enumerate(extra):
         value = totals[len(candidates) + slot]
@@ -207,100 +296,71 @@ def _references(
 def mutate_responses(
     rewards: Tensor,
     truths: Sequence[Sequence[float]],
+    settings: RMOSettings,
     *,
-    generator: torch.Generator,
+    seeds: Sequence[int],
     tolerance: float | Sequence[float] | Tensor,
-    alpha: float,
-    beta: float,
-    lam: float,
-    weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
-    p_mut: float = 0.5,
-    k_mut: int = 1,
-    sigma_min: float = 1e-3,
-    mode: str = "stagnant",
-    source: str = "gt",
-    think: str = "fixed",
-    baseline: str = "group",
-    eos: str = "",
     texts: Sequence[str] | None = None,
     group_keys: Sequence[Sequence[Hashable]] | None = None,
     cache: BestCache | None = None,
-    scale_by_std: bool = True,
-    unbiased: bool = False,
-    eps: float = 1e-6,
 ) -> RMOResult:
-    """Apply RMO (eq. 9) to B groups of G scored responses; pure apart from updating `cache`.
-
-    Randomness comes only from `generator` (CPU): B uniforms decide `p_mut`, then B*G uniforms break
-    reward ties when picking the `k_mut` lowest responses; both are drawn on every call.
+    """Apply RMO (eq. 9) to B groups of G scored responses; pure apart from updating ``cache``.
 
     Args:
-        rewards: [B, G] totals from `score`, group b in row b.
-        truths: B truth lists `y_1..y_N`, one per group.
-        generator: seeded torch.Generator on the CPU.
-        tolerance, alpha, beta, lam, weights: reward arguments of `score` (tolerance: float or [B]).
-        p_mut: probability that an eligible group is mutated.
-        k_mut: responses replaced per mutated group, in [1, G - 1].
-        sigma_min: stagnation threshold on std(R), also the margin the reference must clear.
-        mode: `stagnant` (only stagnant groups are eligible) or `always`.
-        source: `gt` or `best`.
-        think: how the `gt` reference reasons (`gt_answer`): `fixed` (METHOD.md) or `readings`.
-        baseline: what the sampled (unmutated) responses of a mutated group are normalized against: `group`,
-            the whole mutated group (eq. 9), or `sampled`, the group's sampled responses alone (their
-            advantages then sum to zero as without RMO; the references keep their eq. 9 advantages).
-        eos: EOS string appended to returned reference texts (references are scored without it).
-        texts: B*G responses, group-major; needed with `cache` (and for `best`).
-        group_keys: B group keys (tuples of sample ids); needed with `cache` (and for `best`).
-        cache: `BestCache` consulted for `best`, then updated with this step's best responses.
-        scale_by_std, unbiased, eps: advantage arguments (`group_advantages`); `unbiased` also sets
-            the std used for stagnation.
+        rewards: [B, G] totals from ``score``, group b in row b.
+        truths: B truth lists ``y_1..y_N``, one per group.
+        settings: the stage's :class:`RMOSettings`.
+        seeds: B seeds, one per group (:func:`group_draws`).
+        tolerance: the regression tolerance of each group (float or [B]).
+        texts: B*G responses, group-major; needed with ``cache`` (and for ``best``).
+        group_keys: B group keys (tuples of sample ids); needed with ``cache`` (and for ``best``).
+        cache: :class:`BestCache` consulted for ``best``, then updated with this step's best responses.
     """
-    _check(rewards, truths, k_mut, mode, source, think, baseline)
-    if source == "best" and cache is None:
+    s = settings
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [B, G], got {tuple(rewards.shape)}")
+    n_groups, group_size = rewards.shape
+    if len(truths) != n_groups or len(seeds) != n_groups:
+        raise ValueError(f"got {n_groups} groups but {len(truths)} truths and {len(seeds)} seeds")
+    if not s.k_mut < group_size:
+        raise ValueError(f"k_mut must be in [1, G - 1] so a mutated group keeps a spread, got {s.k_mut}")
+    if s.source == "best" and cache is None:
         raise ValueError("source='best' needs a BestCache")
     if cache is not None and (texts is None or group_keys is None):
         raise ValueError("a cache needs texts and group_keys")
     rewards = rewards.detach().to(device="cpu", dtype=torch.float64)
-    n_groups, group_size = rewards.shape
     tol = torch.as_tensor(tolerance, dtype=torch.float64).flatten().expand(n_groups).clone()
-    score_kwargs = {"alpha": alpha, "beta": beta, "lam": lam, "weights": weights}
-    draw = torch.rand(n_groups, generator=generator, dtype=torch.float64)
-    tie_keys = torch.rand(n_groups, group_size, generator=generator, dtype=torch.float64)
+    draw, tie_keys = group_draws(seeds, group_size)
 
-    stagnant = group_std(rewards, unbiased=unbiased) < sigma_min
-    candidate = stagnant if mode == "stagnant" else torch.ones_like(stagnant)
+    stagnant = stagnant_groups(rewards, s.sigma_min, unbiased=s.unbiased)
+    candidate = stagnant if s.mode == "stagnant" else torch.ones_like(stagnant)
     cand_idx = candidate.nonzero().flatten().tolist()
     group_best = rewards.max(dim=1).values.tolist()
-
-    cached = [cache.get(group_keys[b]) if source == "best" else None for b in cand_idx]  # type: ignore[union-attr,index]
-    ref_texts, ref_values = _references(cand_idx, cached, group_best, truths, tol, score_kwargs, think)
+    cached = [cache.get(group_keys[b]) if s.source == "best" else None for b in cand_idx]  # type: ignore[union-attr,index]
+    ref_texts, ref_values = _references(cand_idx, cached, group_best, truths, tol, s)
     ref_reward = torch.full((n_groups,), math.nan, dtype=torch.float64)
     ref_reward[cand_idx] = torch.tensor(ref_values, dtype=torch.float64)
-    eligible = candidate & (rewards.mean(dim=1) < ref_reward - sigma_min)
-    chosen = eligible & (draw < p_mut)
+    eligible = candidate & (rewards.mean(dim=1) < ref_reward - s.sigma_min)
+    chosen = eligible & (draw < s.p_mut)
 
-    shuffle = tie_keys.argsort(dim=1)
-    lowest = shuffle.gather(1, rewards.gather(1, shuffle).argsort(dim=1, stable=True))[:, :k_mut]
-    mutated = torch.zeros_like(rewards, dtype=torch.bool).scatter_(1, lowest, chosen.unsqueeze(1).expand(-1, k_mut))
+    lowest = lowest_k(rewards, s.k_mut, tie_keys)
+    mutated = torch.zeros_like(rewards, dtype=torch.bool).scatter_(1, lowest, chosen.unsqueeze(1).expand(-1, s.k_mut))
     new_rewards = torch.where(mutated, ref_reward.unsqueeze(1), rewards)
-    advantages = group_advantages(new_rewards, scale_by_std=scale_by_std, unbiased=unbiased, eps=eps)
-    if baseline == "sampled":  # the sampled rows of each mutated group, normalized among themselves
-        sampled = ~mutated & chosen.unsqueeze(1)
-        advantages[sampled] = group_advantages(
-            rewards[sampled], sampled.nonzero()[:, 0], n_groups, scale_by_std=scale_by_std, unbiased=unbiased, eps=eps
-        )
+    advantages = mutated_advantages(
+        new_rewards, mutated, chosen, s.baseline, scale_by_std=s.scale_by_std, unbiased=s.unbiased, eps=s.eps
+    )
 
     if cache is not None:
         cache.update(group_keys, texts, rewards)  # type: ignore[arg-type]
     text_of = dict(zip(cand_idx, ref_texts))
-    out_texts = [text_of[b] + eos if ok else None for b, ok in enumerate(chosen.tolist())]
+    out_texts = [text_of[b] + s.eos if ok else None for b, ok in enumerate(chosen.tolist())]
     out_ref = torch.where(chosen, ref_reward, math.nan)
-    n_chosen = chosen.sum()
     metrics = {
-        "stagnant_frac_before": stagnant.double().mean(),
-        "stagnant_frac_after": (group_std(new_rewards, unbiased=unbiased) < sigma_min).double().mean(),
-        "mutated": mutated.sum(),
-        "mutated_groups": n_chosen,
-        "ref_reward_mean": torch.where(chosen, ref_reward, 0.0).sum() / n_chosen,
+        "groups": torch.tensor(float(n_groups), dtype=torch.float64),
+        "stagnant_before": stagnant.double().sum(),
+        "stagnant_after": stagnant_groups(new_rewards, s.sigma_min, unbiased=s.unbiased).double().sum(),
+        "mutated": mutated.double().sum(),
+        "mutated_groups": chosen.double().sum(),
+        "ref_reward_sum": torch.where(chosen, ref_reward, 0.0).sum(),
     }
     return RMOResult(new_rewards, advantages, mutated, out_texts, out_ref, metrics)

@@ -1,4 +1,4 @@
-"""Rollout engines (HF shared-prefix, SGLang) and the policy forward used by training."""
+"""Rollout engines: the HF shared-prefix engine and SGLang, behind one protocol."""
 
 from __future__ import annotations
 
@@ -6,15 +6,12 @@ from typing import Any
 
 from rarl_fast.rollout.base import GenerationParams, RolloutEngine, Rollouts
 from rarl_fast.rollout.hf import HFEngine
-from rarl_fast.rollout.policy import CompletionStates, completion_states
 
 __all__ = [
-    "CompletionStates",
     "GenerationParams",
     "HFEngine",
     "RolloutEngine",
     "Rollouts",
-    "completion_states",
     "make_engine",
 ]
 

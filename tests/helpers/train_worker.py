@@ -21,7 +21,7 @@ def main() -> None:
     import torch
 
     import rarl_fast.runtime as runtime
-    from rarl_fast.config import load_config
+    from rarl_fast.config_loader import load_config
     from rarl_fast.train import train
 
     out = Path(sys.argv[1])

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from rarl_fast.commands import run_eval, run_rarl, run_sft, with_model
 from rarl_fast.config import load_config
-from rarl_fast.pipeline import run_eval, run_rarl, run_sft, with_model
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 import rarl_fast.sft as sft
+from rarl_fast.commands import run_eval, run_sft, with_model
 from rarl_fast.config import load_config
 from rarl_fast.data.prompts import build_messages
-from rarl_fast.pipeline import run_eval, run_sft, with_model
 from rarl_fast.rl.rmo import gt_answer
 
 ROOT = Path(__file__).resolve().parents[3]

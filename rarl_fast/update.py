@@ -1,0 +1,117 @@
+"""One optimizer step over micro-batches: the update loop that RL (``train.py``) and SFT (``sft.py``) share.
+
+:func:`optimizer_step` runs forward + backward of each micro-batch under autocast (gradients are synchronized
+across ranks only on the last one), clips the gradient norm, and steps, unless the loss or the gradient is
+non-finite on some rank: then every rank skips the step alike. :class:`NonFiniteCounter` counts those skips and
+stops a run that keeps producing them. The loss of each micro-batch is scaled by the caller so that the summed
+gradients are the gradient of the whole step's loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from rarl_fast.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NonFiniteCounter", "NonFiniteError", "StepResult", "build_optimizer", "optimizer_step", "reset_optimizer"]
+
+Part = TypeVar("Part")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite losses or gradients in a row."""
+
+
+@dataclass
+class NonFiniteCounter:
+    """Skipped (non-finite) optimizer steps: in a row and in total; ``limit`` in a row stop the run."""
+
+    limit: int
+    in_row: int = 0
+    total: int = 0
+
+    def record(self, finite: bool, where: str) -> None:
+        """Count one optimizer step; raises :class:`NonFiniteError` at ``limit`` non-finite steps in a row."""
+        if finite:
+            self.in_row = 0
+            return
+        self.in_row += 1
+        self.total += 1
+        log.warning("%s: non-finite loss or gradient, step skipped", where)
+        if self.in_row >= self.limit:
+            raise NonFiniteError(
+                f"{self.in_row} non-finite losses/gradients in a row at {where} "
+                f"(optim.max_nonfinite_steps={self.limit}): lower the lr or check the data"
+            )
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step reports: the summed micro-batch losses and the gradient norm (0-dim tensors,
+    before any clipping), and whether the step was taken."""
+
+    loss: Tensor
+    grad_norm: Tensor
+    finite: bool
+
+
+def build_optimizer(rt: Runtime, lr: float) -> torch.optim.Optimizer:
+    """AdamW over the policy's trainable parameters with ``cfg.optim``'s settings, prepared by accelerate."""
+    o = rt.cfg.optim
+    params = [p for p in rt.policy.parameters() if p.requires_grad]
+    return rt.acc.prepare_optimizer(
+        torch.optim.AdamW(params, lr=lr, betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay)
+    )
+
+
+def reset_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Forget AdamW's moments (a new stage starts from fresh statistics)."""
+    getattr(optimizer, "optimizer", optimizer).state.clear()
+
+
+def _grad_norm(acc: Accelerator, params: list[torch.nn.Parameter], max_norm: float) -> Tensor:
+    if max_norm > 0:
+        return torch.as_tensor(acc.clip_grad_norm_(params, max_norm)).float()
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
+
+
+def optimizer_step(rt: Runtime, lr: float, parts: Sequence[Part], loss_of: Callable[[int, Part], Tensor]) -> StepResult:
+    """One optimizer step at learning rate ``lr`` over the micro-batches ``parts``.
+
+    ``loss_of(i, parts[i])`` runs the forward of micro-batch ``i`` (inside autocast) and returns its scaled loss;
+    its backward follows at once. Gradient clipping uses ``cfg.optim.max_grad_norm`` (0: no clipping). The step
+    is taken only if the summed loss and the gradient norm are finite on every rank (one all-reduce and a host
+    sync), and the gradients are cleared either way.
+    """
+    acc, optimizer = rt.acc, rt.optimizer
+    assert optimizer is not None, "build_optimizer first"
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_total = torch.zeros((), device=rt.device)
+    for i, part in enumerate(parts):
+        sync = i == len(parts) - 1
+        with nullcontext() if sync else acc.no_sync(rt.policy), acc.autocast():
+            loss = loss_of(i, part)
+            acc.backward(loss)
+        loss_total = loss_total + loss.detach().float()
+    params: list[Any] = [p for p in rt.policy.parameters() if p.requires_grad]
+    grad_norm = _grad_norm(acc, params, rt.cfg.optim.max_grad_norm)
+    finite = torch.isfinite(loss_total) & torch.isfinite(grad_norm)
+    finite = bool(acc.reduce(finite.float(), reduction="sum") == acc.num_processes)  # host sync: all ranks agree
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss_total, grad_norm=grad_norm, finite=finite)
