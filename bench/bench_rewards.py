@@ -1,7 +1,7 @@
 """Reward scoring throughput: `rarl_fast.rewards.score` vs a straightforward per-response implementation.
 
 4096 responses (512 prompts x G = 8) ranking 8 images each, a deterministic mix of valid, partially
-valid and malformed answers over three tasks. The baseline follows METHOD.md sections 2-3 one response
+valid and malformed answers over three tasks. The baseline follows docs/method.md sections 2-3 one response
 at a time with `json` and `scipy.stats.kendalltau`; both must agree on every component to 1e-9 before
 anything is timed. Prints responses/s and the ratio, and appends a row to bench/results/rewards.csv
 (or $RARL_BENCH_OUT).
@@ -46,7 +46,7 @@ _NUM = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
 
 def baseline_parse(text: str):
-    """(format_ok, [(id, value), ...]) for one response, METHOD.md section 2."""
+    """(format_ok, [(id, value), ...]) for one response, docs/method.md section 2."""
     if len(text) > 8192:
         return False, []
     for tag in ("<think>", "</think>", "<answer>", "</answer>"):
@@ -94,7 +94,7 @@ def _tau(x, y) -> float:
 
 
 def baseline_score(text: str, truth: list[float], delta: float, alpha: float, beta: float, lam: float):
-    """All components of one response, METHOD.md section 3, with scipy's Kendall tau."""
+    """All components of one response, docs/method.md section 3, with scipy's Kendall tau."""
     ok, elements = baseline_parse(text)
     out = dict.fromkeys(FIELDS, 0.0)
     if not ok:

@@ -51,10 +51,10 @@ def _check(ok: bool, key: str, problem: str) -> None:
         raise ConfigError(key, problem)
 
 
-# Defaults per task (METHOD.md section 1), keyed by ``DataConfig.defaults_key()``: the synthetic benchmark's two
+# Defaults per task (docs/method.md section 1), keyed by ``DataConfig.defaults_key()``: the synthetic benchmark's two
 # tasks are ``synthetic:shapes`` and ``synthetic:bar`` (their definition is frozen in rarl_fast/data/synthetic.py).
 # ``value_min``/``value_max`` are the numeric ends of ``value_range`` (the midpoint scores failed 1-image answers,
-# METHOD.md section 7); ``metric`` is the task's 1-image metric.
+# docs/method.md section 7); ``metric`` is the task's 1-image metric.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "age": {
         "rule": "age",
@@ -143,7 +143,7 @@ class ModelConfig:
     freeze_vision: bool = False
     """Freeze the vision tower (and its merger): only the language model trains."""
     min_pixels: int = 56 * 56
-    """Smallest image area after the processor's resize (METHOD.md section 1)."""
+    """Smallest image area after the processor's resize (docs/method.md section 1)."""
     max_pixels: int = 448 * 448
     """Largest image area after resize: 448*448 gives at most 256 visual tokens per image."""
     tiny_dir: str = "runs/tiny_vlm"
@@ -185,7 +185,7 @@ class DataConfig:
     """Share of samples held out as test where the data has no split of its own (UTKFace without ``split_file``,
     manifest lines without a ``split`` field), chosen by a stable hash of the seed and the sample id."""
     rule: str | None = None
-    """The quantity named in the prompt; None takes the task's default (METHOD.md section 1)."""
+    """The quantity named in the prompt; None takes the task's default (docs/method.md section 1)."""
     value_range: str | None = None
     """The value-range phrase of the prompt; None takes the task's default."""
     tolerance: float | None = None
@@ -194,7 +194,7 @@ class DataConfig:
     """Lowest valid value; None takes the task's default, else the first number of ``from A to B`` in
     ``value_range``. Values outside [value_min, value_max] are skipped at load time and counted."""
     value_max: float | None = None
-    """Highest valid value; None as for ``value_min``. The midpoint scores failed 1-image answers (METHOD.md 7)."""
+    """Highest valid value; None as for ``value_min``. The midpoint scores failed 1-image answers (docs/method.md 7)."""
     metric: Literal["mae", "accuracy", "srcc"] | None = None
     """The 1-image metric: MAE, counting accuracy (round(pred) == truth) or SRCC; None takes the task's default."""
     group_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
@@ -268,7 +268,7 @@ class RolloutConfig:
     prompts_per_step: int = 8
     """Prompts (groups) per rollout batch, across all ranks."""
     temperature: float = 1.0
-    """Sampling temperature T; every log-prob is taken from logits / T (METHOD.md section 4)."""
+    """Sampling temperature T; every log-prob is taken from logits / T (docs/method.md section 4)."""
     top_p: float = 1.0
     """Nucleus sampling mass; 1.0 disables."""
     top_k: int = 0
@@ -321,14 +321,14 @@ class RewardConfig:
 @dataclass(kw_only=True)
 class RMOConfig:
     mode: RMOMode = "stagnant"
-    """Which groups may be mutated: stagnant ones (std(R) < sigma_min) or all (METHOD.md section 5)."""
+    """Which groups may be mutated: stagnant ones (std(R) < sigma_min) or all (docs/method.md section 5)."""
     source: RMOSource = "gt"
     """Reference answer: the rendered ground truth, or the best response seen for the group (falls back to gt)."""
     think: ThinkStyle = "fixed"
-    """Reasoning of the rendered ground truth (RMO's gt and the SFT target): METHOD.md's fixed `Reference answer.`,
+    """Reasoning of the rendered ground truth (RMO's gt and the SFT target): the method's fixed `Reference answer.`,
     or `readings`, each image's value in prompt order (`Image 1: 7. Image 2: 3.`), then the sorted answer."""
     baseline: RMOBaseline = "group"
-    """What the sampled responses of a mutated group are normalized against: the whole mutated group (METHOD.md
+    """What the sampled responses of a mutated group are normalized against: the whole mutated group (docs/method.md
     eq. 9), or `sampled`, the sampled responses alone, so a high-reward reference does not push them all down
     (our extension; the references keep their eq. 9 advantages)."""
     sigma_min: float = 1e-3
@@ -347,7 +347,7 @@ class RMOConfig:
 @dataclass(kw_only=True)
 class LossConfig:
     beta_kl: float = 0.04
-    """Weight of the k3 KL to the frozen reference (METHOD.md section 4); 0 skips the reference forward."""
+    """Weight of the k3 KL to the frozen reference (docs/method.md section 4); 0 skips the reference forward."""
     eps_low: float = 0.2
     """Lower clip range: ratio is clipped at 1 - eps_low."""
     eps_high: float = 0.2
@@ -357,7 +357,7 @@ class LossConfig:
     scale_by_std: bool = True
     """Divide advantages by the group's std (GRPO); False gives Dr.GRPO's mean-centred advantages."""
     std_unbiased: bool = False
-    """Bessel's correction in the group std (METHOD.md: off)."""
+    """Bessel's correction in the group std (docs/method.md: off)."""
     impl: Literal["auto", "triton", "chunked", "torch"] = "auto"
     """Kernel implementation of the fused lm_head + GRPO loss: auto is triton on CUDA, chunked torch on CPU."""
 
@@ -530,15 +530,15 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Rollout engine and sampling."""
     reward: RewardConfig = field(default_factory=RewardConfig)
-    """Ranking-aware reward (METHOD.md section 3)."""
+    """Ranking-aware reward (docs/method.md section 3)."""
     rmo: RMOConfig = field(default_factory=RMOConfig)
-    """Response Mutation Operation (METHOD.md section 5)."""
+    """Response Mutation Operation (docs/method.md section 5)."""
     loss: LossConfig = field(default_factory=LossConfig)
-    """GRPO loss (METHOD.md section 4)."""
+    """GRPO loss (docs/method.md section 4)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer, schedule, micro-batching."""
     stage1: StageConfig = field(default_factory=_stage1)
-    """Stage 1: 1-image samples, regression reward only, no RMO (METHOD.md section 6)."""
+    """Stage 1: 1-image samples, regression reward only, no RMO (docs/method.md section 6)."""
     stage2: StageConfig = field(default_factory=_stage2)
     """Stage 2: mixed N, full reward, RMO."""
     sft: SFTConfig = field(default_factory=SFTConfig)

@@ -1,4 +1,4 @@
-"""Evaluation metrics of METHOD.md section 7 and the paper-shaped results table. Pure functions.
+"""Evaluation metrics of docs/method.md section 7 and the paper-shaped results table. Pure functions.
 
 For N = 1 the task's metric: MAE, counting accuracy (round(pred) == truth, rounding half to even as Python's
 ``round``) or SRCC (Spearman over the test set); for N >= 2 the mean Kendall tau between the listed order and
@@ -102,7 +102,7 @@ def srcc(pred: Tensor | Sequence[float], truth: Tensor | Sequence[float]) -> flo
 def listed_positions(parsed: Parsed, n: int) -> tuple[Tensor, Tensor]:
     """Where each image id was listed, and whether the answer is complete.
 
-    Ids outside 1..N and repeats are ignored (the first occurrence counts), as in the reward (METHOD.md 3).
+    Ids outside 1..N and repeats are ignored (the first occurrence counts), as in the reward (docs/method.md 3).
 
     Args:
         parsed: B parsed answers.

@@ -75,7 +75,7 @@ def rollout(rt: Runtime, groups: list[Group], seed: int) -> Rollouts:
 
 
 def score_rollouts(rt: Runtime, ro: Rollouts, groups: list[Group], alpha: float, beta: float) -> RewardBreakdown:
-    """The ranking-aware reward of every row (METHOD.md section 3) with the stage's weights."""
+    """The ranking-aware reward of every row (docs/method.md section 3) with the stage's weights."""
     G = ro.num_generations
     truths = [g.values for g in groups for _ in range(G)]
     tolerance = [float(g.tolerance) for g in groups for _ in range(G)]

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,11 +44,9 @@ def fast_interpreter():
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """`../shared` beside the checkout (METHOD.md, fixtures)."""
-    if not SHARED.is_dir():
-        pytest.fail(f"expected the shared folder at {SHARED}")
-    return SHARED
+def data_dir() -> Path:
+    """tests/data: the worked reward cases, the exact prompts and the committed reference curve."""
+    return DATA
 
 
 @pytest.fixture(scope="session")

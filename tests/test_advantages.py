@@ -1,4 +1,4 @@
-"""Group-normalized GRPO advantages (METHOD.md section 4)."""
+"""Group-normalized GRPO advantages (docs/method.md section 4)."""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def test_round_trip_yaml_dataclasses_yaml(path: Path, tmp_path: Path):
 def test_defaults_round_trip_and_method_defaults():
     cfg = Config()
     assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
-    # METHOD.md defaults
+    # docs/method.md defaults
     assert cfg.reward.lam == 0.2 and cfg.reward.alpha == 0.5 and cfg.reward.beta == 0.5
     assert cfg.reward.weights == pytest.approx((1 / 3, 1 / 3, 1 / 3))
     assert cfg.loss.beta_kl == 0.04 and cfg.loss.eps_low == 0.2 and cfg.loss.eps_high == 0.2

@@ -45,10 +45,10 @@ def _age_group(photos: list[str]) -> Group:
     return _group([Sample(f"p{i}", float(20 + 7 * i), p) for i, p in enumerate(photos[:4])])
 
 
-def test_rendered_prompt_of_a_4_image_age_group_equals_the_fixtures(processor, photos, shared_dir):
+def test_rendered_prompt_of_a_4_image_age_group_equals_the_fixtures(processor, photos, data_dir):
     text = render_prompt(processor, _age_group(photos))
-    system = (shared_dir / "fixtures" / "prompt_system.txt").read_text(encoding="utf-8")
-    user = (shared_dir / "fixtures" / "prompt_user_4img_age.txt").read_text(encoding="utf-8")
+    system = (data_dir / "prompt_system.txt").read_text(encoding="utf-8")
+    user = (data_dir / "prompt_user_4img_age.txt").read_text(encoding="utf-8")
     assert system == SYSTEM_PROMPT
     head, rest = text.split("<|im_end|>\n<|im_start|>user\n")
     assert head == f"<|im_start|>system\n{system}"

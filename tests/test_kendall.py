@@ -1,4 +1,4 @@
-"""Batched Kendall tau-b against scipy.stats.kendalltau (METHOD.md section 3)."""
+"""Batched Kendall tau-b against scipy.stats.kendalltau (docs/method.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Metrics agree with numpy/scipy, follow METHOD.md section 7's failure rules, and render the results table."""
+"""Metrics agree with numpy/scipy, follow docs/method.md section 7's failure rules, and render the results table."""
 
 from __future__ import annotations
 

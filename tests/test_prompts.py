@@ -1,4 +1,4 @@
-"""Prompts match shared/fixtures exactly (METHOD.md section 1)."""
+"""Prompts match tests/data exactly (docs/method.md section 1)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import pytest
 from rarl_fast.data.prompts import SYSTEM_PROMPT, build_messages, user_prompt_text
 
 
-def test_system_prompt_matches_fixture(shared_dir):
-    assert (shared_dir / "fixtures" / "prompt_system.txt").read_text(encoding="utf-8") == SYSTEM_PROMPT
+def test_system_prompt_matches_fixture(data_dir):
+    assert (data_dir / "prompt_system.txt").read_text(encoding="utf-8") == SYSTEM_PROMPT
 
 
-def test_user_prompt_matches_fixture(shared_dir):
-    expected = (shared_dir / "fixtures" / "prompt_user_4img_age.txt").read_text(encoding="utf-8")
+def test_user_prompt_matches_fixture(data_dir):
+    expected = (data_dir / "prompt_user_4img_age.txt").read_text(encoding="utf-8")
     assert user_prompt_text(4, "age", "an integer from 0 to 116") == expected
 
 
@@ -26,14 +26,14 @@ def test_messages_put_one_image_part_per_mark():
     assert parts[0] == {"type": "text", "text": "Image 1: "}
 
 
-def test_rendered_through_the_chat_template(tiny_vlm_dir, shared_dir):
+def test_rendered_through_the_chat_template(tiny_vlm_dir, data_dir):
     from rarl_fast.model import load_processor
 
     processor = load_processor(tiny_vlm_dir)
     text = processor.apply_chat_template(
         build_messages(4, "age", "an integer from 0 to 116"), add_generation_prompt=True
     )
-    user = (shared_dir / "fixtures" / "prompt_user_4img_age.txt").read_text(encoding="utf-8")
+    user = (data_dir / "prompt_user_4img_age.txt").read_text(encoding="utf-8")
     placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
     assert text == (
         f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"

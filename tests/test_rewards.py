@@ -1,4 +1,4 @@
-"""Parser and reward (METHOD.md sections 2-3): fixtures, adversarial inputs, properties, a per-response reference."""
+"""Parser and reward (docs/method.md sections 2-3): worked cases, adversarial inputs, properties, a reference."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ STAGE2 = {"alpha": 0.5, "beta": 0.5, "lam": 0.2}
 PROPS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _fixtures(shared_dir):
-    return [json.loads(line) for line in (shared_dir / "fixtures" / "rewards.jsonl").read_text().splitlines() if line]
+def _fixtures(data_dir):
+    return [json.loads(line) for line in (data_dir / "rewards.jsonl").read_text().splitlines() if line]
 
 
 def _wrap(answer: str, think: str = "ok") -> str:
@@ -43,8 +43,8 @@ def _one(text: str, truth, tolerance: float = 10.0, **kw) -> dict[str, float]:
 # ---------------------------------------------------------------- fixtures
 
 
-def test_every_fixture_case(shared_dir):
-    cases = _fixtures(shared_dir)
+def test_every_fixture_case(data_dir):
+    cases = _fixtures(data_dir)
     assert len(cases) >= 46
     for case in cases:
         got = _one(
@@ -54,9 +54,9 @@ def test_every_fixture_case(shared_dir):
             assert got[name] == pytest.approx(want, abs=1e-9), (case["note"], name, got[name], want)
 
 
-def test_fixtures_scored_as_one_batch_match_one_by_one(shared_dir):
+def test_fixtures_scored_as_one_batch_match_one_by_one(data_dir):
     """Mixed N, tolerances and padding widths in one call give the same numbers as scoring alone."""
-    cases = [c for c in _fixtures(shared_dir) if c["alpha"] == 0.5 and c["beta"] == 0.5 and c["lam"] == 0.2]
+    cases = [c for c in _fixtures(data_dir) if c["alpha"] == 0.5 and c["beta"] == 0.5 and c["lam"] == 0.2]
     rb = score(
         [c["text"] for c in cases], [c["truth"] for c in cases], tolerance=[c["tolerance"] for c in cases], **STAGE2
     )
@@ -222,7 +222,7 @@ PIECES = ["<think>", "</think>", "<answer>", "</answer>", " ", "\n", "\u2003", "
 @PROPS
 @given(st.lists(st.sampled_from(PIECES), max_size=14), st.lists(st.sampled_from(PIECES), max_size=6))
 def test_frame_answer_equals_the_regex(pieces, extra):
-    """The str.find framing is the METHOD.md regex plus "each tag exactly once", on tag soups and near-misses."""
+    """The str.find framing is the docs/method.md regex plus "each tag exactly once", on tag soups and near-misses."""
     for text in (
         "".join(pieces),
         _wrap("".join(extra), "".join(pieces)),
@@ -450,7 +450,7 @@ _FRAME = re.compile(r"^\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*$", re
 
 
 def _reference_elements(text):
-    """Straight-line reading of METHOD.md section 2, written independently of rarl_fast.rewards.parse."""
+    """Straight-line reading of docs/method.md section 2, written independently of rarl_fast.rewards.parse."""
     if len(text) > 8192 or any(text.count(t) != 1 for t in ("<think>", "</think>", "<answer>", "</answer>")):
         return None
     m = _FRAME.match(text)
@@ -521,9 +521,9 @@ def _reference_score(text, truth, delta, alpha, beta, lam, weights):
     return out
 
 
-def test_reference_reproduces_fixtures(shared_dir):
+def test_reference_reproduces_fixtures(data_dir):
     """The test's own reference is right, so agreeing with it means something."""
-    for c in _fixtures(shared_dir):
+    for c in _fixtures(data_dir):
         got = _reference_score(c["text"], c["truth"], c["tolerance"], c["alpha"], c["beta"], c["lam"], (1 / 3,) * 3)
         for name, want in c["expected"].items():
             assert got[name] == pytest.approx(want, abs=1e-9), (c["note"], name)

@@ -1,4 +1,4 @@
-"""RMO, the Response Mutation Operation (METHOD.md section 5)."""
+"""RMO, the Response Mutation Operation (docs/method.md section 5)."""
 
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ def _random_groups(seed: int, groups: int = 24, size: int = 8):
 # ---------------------------------------------------------------- gt rendering
 
 
-def test_gt_rendering_is_exact(shared_dir):
+def test_gt_rendering_is_exact(data_dir):
     fixture = next(
         json.loads(line)
-        for line in (shared_dir / "fixtures" / "rewards.jsonl").read_text().splitlines()
+        for line in (data_dir / "rewards.jsonl").read_text().splitlines()
         if "RMO ground-truth" in line
     )
     assert gt_answer(fixture["truth"]) == fixture["text"]

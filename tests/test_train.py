@@ -50,7 +50,7 @@ def tiny_overrides(tiny_dir: Path, out: Path, **extra: object) -> list[str]:
         "rollout.max_new_tokens": 56,
         "rmo.mode": "stagnant",
         "rmo.p_mut": 1.0,
-        "rmo.baseline": "group",  # METHOD.md eq. 9 (the committed reference curve was recorded with it)
+        "rmo.baseline": "group",  # docs/method.md eq. 9 (the committed reference curve was recorded with it)
         "optim.micro_batch_size": 2,
         "logging.progress_bar": "false",
         "checkpoint.save_every": 1,

@@ -5,7 +5,7 @@ uniformly at random and skipping any whose value is already in the group: a cate
 probability proportional to its samples (among categories with at least N distinct values), then N distinct
 values by successive draws weighted by their sample counts, then one sample uniformly for each value, then
 the images are shuffled into prompt order. Training groups are built once for a dataset and seed, so a group
-recurs across epochs under the same key (its tuple of sample ids, METHOD.md section 5); test groups are
+recurs across epochs under the same key (its tuple of sample ids, docs/method.md section 5); test groups are
 built the same way from the test split with their own seed stream, the same for every model.
 """
 
@@ -87,7 +87,7 @@ class Group:
 
 
 def truth_json(values: list[float]) -> str:
-    """The true answer as METHOD.md section 5 renders it: ids ascending by value, integers printed as integers.
+    """The true answer as docs/method.md section 5 renders it: ids ascending by value, integers printed as integers.
 
     ``json.dumps([{"image_id": i, "value": v}, ...])``; floats use Python's shortest round-trip repr.
     """

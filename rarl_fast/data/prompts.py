@@ -1,4 +1,4 @@
-"""The exact prompts of METHOD.md section 1 (authority: ``shared/fixtures/prompt_*.txt``)."""
+"""The exact prompts of docs/method.md section 1 (tests/test_prompts.py checks them against tests/data/prompt_*.txt)."""
 
 from __future__ import annotations
 

@@ -128,7 +128,7 @@ class TaskData:
 
     @property
     def midpoint(self) -> float:
-        """Middle of the value range: the prediction a failed 1-image answer counts as (METHOD.md section 7)."""
+        """Middle of the value range: the prediction a failed 1-image answer counts as (docs/method.md section 7)."""
         return (self.value_min + self.value_max) / 2
 
     def rule_for(self, category: str | None) -> str:

@@ -1,4 +1,4 @@
-"""Ranking-aware verifiable reward: parsing, batched Kendall tau-b and the eq. 3-8 reward (METHOD.md 2-3)."""
+"""Ranking-aware verifiable reward: parsing, batched Kendall tau-b and the eq. 3-8 reward (docs/method.md 2-3)."""
 
 from rarl_fast.rewards.kendall import kendall_tau_b
 from rarl_fast.rewards.parse import MAX_ELEMENTS, MAX_RESPONSE_CHARS, Parsed, parse_responses

@@ -1,4 +1,4 @@
-"""Batched Kendall tau-b over many small padded rankings (METHOD.md section 3).
+"""Batched Kendall tau-b over many small padded rankings (docs/method.md section 3).
 
 The one implementation that rewards, data checks, metrics and evaluation share. It compares every
 pair (i < j) of the L columns of each row at once, so a batch is a handful of tensor ops with no

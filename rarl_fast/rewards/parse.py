@@ -1,6 +1,6 @@
-"""Parse model responses into padded tensors of valid `(image_id, value)` elements (METHOD.md section 2).
+"""Parse model responses into padded tensors of valid `(image_id, value)` elements (docs/method.md section 2).
 
-Parsing is Python-level and per response (a `str.find` framing check equivalent to the METHOD.md regex,
+Parsing is Python-level and per response (a `str.find` framing check equivalent to the docs/method.md regex,
 one or two `json.loads`, one flat loop over at most 64 elements); everything numeric downstream is
 vectorized over the batch in `score.py`.
 Nothing is ever evaluated as code and no input raises: every failure of the framing or of the JSON
@@ -25,7 +25,7 @@ MAX_ELEMENTS = 64
 """A parsed list with more elements (counted before dropping invalid ones) fails the format."""
 
 FRAME = re.compile(r"^\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*$", re.DOTALL)
-"""The framing regex of METHOD.md section 2; `frame_answer` implements it without regex stepping."""
+"""The framing regex of docs/method.md section 2; `frame_answer` implements it without regex stepping."""
 _NUMERIC = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 _ID_MAX = 2**62
 """Integer ids outside [1, 2**62] are stored as 0: they can never be in 1..N and must fit int64."""
@@ -49,7 +49,7 @@ class Parsed:
 
     @property
     def counts(self) -> Tensor:
-        """[B] int64: number of valid elements per response (m in METHOD.md)."""
+        """[B] int64: number of valid elements per response (m in docs/method.md)."""
         return self.mask.sum(dim=1)
 
     def __len__(self) -> int:
@@ -161,7 +161,7 @@ def _parse_one(text: object, ids: list[int], values: list[float]) -> tuple[bool,
 
 
 def parse_responses(texts: Sequence[str]) -> Parsed:
-    """Parse B responses (METHOD.md section 2) into padded tensors; never raises on any text.
+    """Parse B responses (docs/method.md section 2) into padded tensors; never raises on any text.
 
     Args:
         texts: B response strings (decoded completions without special tokens such as EOS).

@@ -1,4 +1,4 @@
-"""Ranking-aware verifiable reward (METHOD.md section 3, eqs. 3-8), vectorized over the batch.
+"""Ranking-aware verifiable reward (docs/method.md section 3, eqs. 3-8), vectorized over the batch.
 
 Only parsing is per response (`parse.py`); regression, length, consistency and accuracy are computed
 for the whole batch at once on padded float64 CPU tensors, with `kendall_tau_b` for eqs. 5 and 6.
@@ -18,7 +18,7 @@ from rarl_fast.rewards.parse import Parsed, parse_responses
 __all__ = ["RANKING_FIELDS", "RewardBreakdown", "reward_means", "score", "score_parsed"]
 
 RANKING_FIELDS = ("length", "consistency", "accuracy", "ranking")
-"""Fields that are 0 for 1-image samples and are left out of logged means there (METHOD.md section 3)."""
+"""Fields that are 0 for 1-image samples and are left out of logged means there (docs/method.md section 3)."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def score(
     lam: float,
     weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
 ) -> RewardBreakdown:
-    """Score B responses against their truths (METHOD.md section 3); never raises on any text.
+    """Score B responses against their truths (docs/method.md section 3); never raises on any text.
 
     Tau is exactly +-1 for perfectly (anti-)ordered lists (see `kendall_tau_b`), so a perfect answer
     totals `lam + (1 - lam) * (alpha + beta * sum(weights))`, exactly 1 for the default weights.

@@ -1,4 +1,4 @@
-"""Group-normalized GRPO advantages (METHOD.md section 4).
+"""Group-normalized GRPO advantages (docs/method.md section 4).
 
 `A_j = (R_j - mean(R)) / (std(R) + eps)` within each prompt's group, with std's Bessel correction off by
 default; `scale_by_std=False` gives Dr.GRPO's `A_j = R_j - mean(R)`.
@@ -68,7 +68,7 @@ def group_advantages(
         group_index: None, or [R] group id of each flat reward.
         num_groups: B for the flat layout; None reads it from `group_index` (one host sync).
         scale_by_std: divide by `std + eps` (GRPO); False gives Dr.GRPO (centering only).
-        unbiased: Bessel's correction in the std (off by default, METHOD.md section 4); a group of
+        unbiased: Bessel's correction in the std (off by default, docs/method.md section 4); a group of
             one response then has std 0 rather than NaN.
         eps: added to the std before dividing.
     """

@@ -1,4 +1,4 @@
-"""RMO, the Response Mutation Operation (METHOD.md section 5, eq. 9).
+"""RMO, the Response Mutation Operation (docs/method.md section 5, eq. 9).
 
 After rewards and before advantages: in an eligible group (stagnant, or any group in mode `always`,
 whose mean reward is below the reference's reward minus `sigma_min`), with probability `p_mut` the
@@ -75,7 +75,7 @@ def gt_answer(truth: Sequence[float], think: str = "fixed") -> str:
     """The `gt` reference for a truth `y_1..y_N`, without EOS; it scores the maximum reward.
 
     `<think>Reference answer.</think> <answer>[{"image_id": i, "value": v}, ...]</answer>` with ids
-    ascending by true value (ties by id). `think="readings"` (our extension; METHOD.md's text is `fixed`)
+    ascending by true value (ties by id). `think="readings"` (our extension; the method's text is `fixed`)
     writes each image's value in prompt order as the reasoning instead, `<think>Image 1: 7. Image 2: 3.</think>`,
     so a model trained on it reads every image before it sorts; the answer part and its reward are the same.
     """
@@ -95,7 +95,7 @@ def longest_gt_answer(
 ) -> int:
     """Longest `gt_answer(truth, think) + eos` over the data, measured by `length` (e.g. a token counter).
 
-    Config validation rejects a `max_new_tokens` below this (METHOD.md section 5); 0 for no truths.
+    Config validation rejects a `max_new_tokens` below this (docs/method.md section 5); 0 for no truths.
     """
     return max((length(gt_answer(t, think) + eos) for t in truths), default=0)
 

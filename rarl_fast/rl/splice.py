@@ -1,4 +1,4 @@
-"""Splice RMO's reference answers into :class:`Rollouts` (METHOD.md section 5).
+"""Splice RMO's reference answers into :class:`Rollouts` (docs/method.md section 5).
 
 The replaced rows get the tokenized reference (EOS included), the completion tensors are re-padded to the
 longest row, ``is_mutated`` is set and their sampling log-probs are zeroed: mutated responses are off-policy

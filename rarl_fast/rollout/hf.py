@@ -5,7 +5,7 @@ of each prompt decode together over that one prompt KV cache (:mod:`rarl_fast.ro
 pre-fill; with up to 8 images per prompt that is most of a rollout's compute. Here the vision tower and the
 pre-fill see B prompts, not B * G, and decode attention reads each prompt's keys and values once for its G
 samples instead of G copies. Sampling follows transformers' rules (temperature -> top-k -> top-p) and the
-returned log-probs are those of METHOD.md section 4 (``logits / T`` before truncation), in float32.
+returned log-probs are those of docs/method.md section 4 (``logits / T`` before truncation), in float32.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Next-token sampling with transformers' semantics (temperature -> top-k -> top-p), seeded, plus the
-sampling log-prob of METHOD.md section 4 (from ``logits / T`` before any truncation).
+sampling log-prob of docs/method.md section 4 (from ``logits / T`` before any truncation).
 
 Seeded sampling is counter-based: the uniform number that picks row r's token at step t is a hash of
 (row seed, t), and a row's seed is a hash of (seed, its group's key, its sample index). A row's completion

@@ -3,7 +3,7 @@
 Group sampling uses SGLang's parallel sampling (``n = G``), which pre-fills each prompt once and keeps it in
 the radix cache for its G samples. Requests carry the chat text with ONE vision placeholder per image
 (SGLang expands it) and the images as one list per prompt; outputs come back prompt-major and are regrouped
-into :class:`Rollouts`. Log-probs: SGLang returns ``log softmax(logits / T)`` by default, METHOD.md section 4's
+into :class:`Rollouts`. Log-probs: SGLang returns ``log softmax(logits / T)`` by default, docs/method.md section 4's
 rule; ``SGLANG_RETURN_ORIGINAL_LOGPROB`` must stay unset. Weights are pushed with
 ``update_weights_from_tensor`` under SGLang's checkpoint names; memory is released while the trainer updates.
 
