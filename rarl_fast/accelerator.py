@@ -20,9 +20,9 @@ __all__ = ["make_accelerator"]
 
 
 def make_accelerator(cfg: Config, run_dir: Path, *, trackers: list[str] | None = None) -> Accelerator:
-    """accelerate's Accelerator for this machine: CPU when there is no CUDA (gloo for multi-process runs),
-    bf16 autocast on CUDA unless ``optim.mixed_precision`` says otherwise; DDP looks for unused parameters
-    unless ``optim.ddp_find_unused_parameters`` is off."""
+    """accelerate's Accelerator for this machine: CPU when there is no CUDA (gloo for multi-process runs), bf16
+    autocast on CUDA unless ``optim.mixed_precision`` says otherwise; DDP looks for unused parameters unless
+    ``optim.ddp_find_unused_parameters`` is off; ``trackers`` (e.g. TensorBoard) write under ``run_dir/tensorboard``."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
@@ -34,6 +34,8 @@ def make_accelerator(cfg: Config, run_dir: Path, *, trackers: list[str] | None =
         cpu=not cuda,
         mixed_precision=mp,
         log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), automatic_checkpoint_naming=False),
+        project_config=ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard"), automatic_checkpoint_naming=False
+        ),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.optim.ddp_find_unused_parameters)],
     )

@@ -19,7 +19,7 @@ from rarl_fast.rollout.base import Rollouts
 from rarl_fast.rollout.sampling import stable_seed
 from rarl_fast.runtime import Runtime
 from rarl_fast.schedule import lr_at
-from rarl_fast.tracking import STAGE_IDS, MetricsLogger
+from rarl_fast.tracking import STAGE_IDS, MetricsLogger, start_trackers
 from rarl_fast.update import NonFiniteCounter, build_optimizer, optimizer_step
 
 if TYPE_CHECKING:
@@ -97,6 +97,7 @@ def train_sft(rt: Runtime, *, steps: int, lr: float, mix: dict[int, float], seed
         seed=stable_seed(c.seed, seed_tag) % (1 << 62),
     )
     nonfinite = NonFiniteCounter(limit=c.optim.max_nonfinite_steps)
+    start_trackers(rt.acc, "sft")
     logger = MetricsLogger(rt.run_dir, rt.acc, total_steps=steps, progress_bar=c.logging.progress_bar)
     held_out = held_out_eval(rt, logger)
     try:

@@ -16,7 +16,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["STAGE_IDS", "MetricsLogger", "available_trackers", "read_metrics", "to_number", "truncate_metrics"]
+__all__ = [
+    "STAGE_IDS",
+    "MetricsLogger",
+    "available_trackers",
+    "read_metrics",
+    "start_trackers",
+    "to_number",
+    "truncate_metrics",
+]
 
 STAGE_IDS = {"sft": 0, "stage1": 1, "stage2": 2}
 """The ``stage`` number of a metrics line: 0 for SFT, 1 and 2 for the RL stages."""
@@ -37,6 +45,13 @@ def available_trackers(requested: list[str]) -> list[str]:
             continue
         out.append(name)
     return out
+
+
+def start_trackers(accelerator: Any, name: str) -> None:
+    """Start the accelerate trackers the accelerator was built with, as run ``name`` (TensorBoard writes its event
+    files to ``<run>/tensorboard/<name>/``); nothing when there are none or they run already."""
+    if accelerator.log_with and not accelerator.trackers:
+        accelerator.init_trackers(name)
 
 
 def to_number(value: Any) -> float | int | str | None:

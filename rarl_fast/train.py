@@ -32,7 +32,7 @@ from rarl_fast.rollout.base import Rollouts
 from rarl_fast.rollout.sampling import stable_seed
 from rarl_fast.runtime import Runtime, build_runtime
 from rarl_fast.schedule import lr_at
-from rarl_fast.tracking import STAGE_IDS, MetricsLogger, truncate_metrics
+from rarl_fast.tracking import STAGE_IDS, MetricsLogger, start_trackers, truncate_metrics
 from rarl_fast.update import NonFiniteCounter, build_optimizer, optimizer_step, reset_optimizer
 
 if TYPE_CHECKING:
@@ -373,8 +373,7 @@ def train(cfg: Config, *, resume: bool = False, run_dir: Any = None) -> Runtime:
     check_completion_budget(cfg, rt.tokenizer, rt.train_groups)
     rt.optimizer = build_optimizer(rt, cfg.stage1.lr)
     total = sum(getattr(cfg, s).steps for s in STAGES if getattr(cfg, s).enabled)
-    if rt.acc.log_with:
-        rt.acc.init_trackers(cfg.run_name)
+    start_trackers(rt.acc, "rarl")
     logger = MetricsLogger(rt.run_dir, rt.acc, total_steps=total, progress_bar=cfg.logging.progress_bar)
     global_step, start_stage, restored = 0, 0, None
     ckpt = latest_checkpoint(rt.run_dir) if resume else None

@@ -125,6 +125,25 @@ def test_full_tiny_run_with_rmo(tiny_vlm_dir, tmp_path, monkeypatch):
     assert all(torch.equal(reloaded[k], final[k]) for k in final)
 
 
+@pytest.mark.timeout(300)
+def test_tensorboard_tracker_writes_the_logged_scalars(tiny_vlm_dir, tmp_path):
+    """With ``logging.trackers: [jsonl, tensorboard]`` the event file holds every logged step's scalars, equal to
+    metrics.jsonl's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = {"logging.trackers": "[jsonl, tensorboard]", "checkpoint.save_every": 0}
+    rt = _run_inprocess(tiny_vlm_dir, tmp_path, **overrides)
+    logged = [r for r in read_metrics(rt.run_dir) if "reward/total" in r]
+    events_dir = rt.run_dir / "tensorboard" / "rarl"
+    assert list(events_dir.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(events_dir))
+    events.Reload()
+    for key in ("reward/total", "reward/format", "loss", "grad_norm", "lr", "rmo/stagnant_before"):
+        scalars = events.Scalars(key)
+        assert [e.step for e in scalars] == [r["step"] for r in logged] == [1, 2, 3, 4], key
+        assert [e.value for e in scalars] == pytest.approx([r[key] for r in logged], rel=1e-6, abs=1e-7), key
+
+
 class _GradRecorder:
     """Stands in for the optimizer: ``step`` keeps a copy of the gradients instead of applying them."""
 

@@ -4,11 +4,9 @@ Two tasks of different kinds, drawn with Pillow, deterministic by seed, needing 
 (0, 0, 0) on white paper (255, 255, 255). They are sized for the tiny VLM: images are small multiples of
 28 px (8 or 9 visual tokens each at their own size), and every object has a fixed size, so the amount of ink
 is proportional to the value; what varies is where the objects are (and, for counting, their kind). The
-objects are large on purpose: with 9 x 9 px shapes or an 8 px bar the tiny VLM had learned little after 300
-warm-start steps. ``configs/demo_cpu.yaml`` also has the processor upscale every image 2x (``min_pixels`` =
-168 * 168: 36 visual tokens for ``shapes``): the tiny VLM reads an image only when its tokens are a sizeable
-share of the ~190-token prompt (measured, 300 SFT steps of 16 one-image groups: 5 % counting accuracy, i.e.
-a constant answer, with 9 tokens per image; 80 % with 36).
+objects are large so that a 1 M-parameter model can learn to see them. ``configs/demo_cpu.yaml`` also has the
+processor upscale every image 2x (``min_pixels`` = 168 * 168: 36 visual tokens for ``shapes``): the tiny VLM
+reads an image only when its tokens are a sizeable share of the ~190-token prompt.
 
 Randomness: sample ``index`` of split ``split`` (train = 0, test = 1) of task ``t`` (shapes = 1, bar = 2)
 under seed ``s`` uses ``numpy.random.default_rng([1, t, split, s mod 2**64, index])``; the value is its first
