@@ -11,7 +11,7 @@ returned log-probs are those of docs/method.md section 4 (``logits / T`` before 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -54,6 +54,8 @@ class HFEngine:
     ``shared_prefix_decode=False`` (or a model :func:`text_parts` does not support) decodes through the model's
     own forward over a KV cache copied to the G samples: the reference the shared-prefix path is tested against.
     """
+
+    weights_version: Hashable | None = None  # RolloutEngine: a shared module always holds the current policy
 
     def __init__(
         self,
