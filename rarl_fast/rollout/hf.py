@@ -91,13 +91,14 @@ class HFEngine:
     # -- RolloutEngine protocol -------------------------------------------------------------------------------
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Copy tensors into the engine's model (no-op needed when it shares the policy module)."""
+        """Copy tensors into the engine's model (nothing to copy for the policy's own parameters, which it shares:
+        the trainer pushes them through ``awake`` before every rollout)."""
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in named_tensors:
                 if name not in params:
                     raise KeyError(f"HFEngine.update_weights: unknown parameter {name!r}")
-                if params[name].data_ptr() != tensor.data_ptr():
+                if params[name] is not tensor and params[name].data_ptr() != tensor.data_ptr():
                     params[name].copy_(tensor)
 
     def sleep(self) -> None:
