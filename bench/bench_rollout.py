@@ -12,6 +12,11 @@ with EOS ignored (both providers decode exactly 160 tokens). ``--scenario toy`` 
 
     python bench/bench_rollout.py                 # CPU, fixed scenario
     python bench/bench_rollout.py --device cuda   # GPU part of gpu_check.sh
+    python bench/bench_rollout.py --device cuda --backend sglang   # also SGLang's engine (sglang installed)
+
+``--backend sglang`` adds a third provider, SGLang's offline engine through our backend (G seeded requests per
+prompt after a prefix pre-fill, EOS ignored), on the same model and inputs. Its peak memory is not reported:
+SGLang allocates in its own scheduler process (``mem_fraction_static`` of the GPU).
 """
 
 from __future__ import annotations
@@ -39,15 +44,19 @@ SCENARIOS = {
 
 
 def _build_inputs(processor, n_images: int, prompts: int, px: int):
-    from PIL import Image
-
     from rarl_fast.data.prompts import build_messages
 
     text = processor.apply_chat_template(
         build_messages(n_images, "age", "an integer from 0 to 116"), add_generation_prompt=True
     )
-    images = [[Image.new("RGB", (px, px), (17 * i + 40 * p, 90, 160)) for i in range(n_images)] for p in range(prompts)]
+    images = _images(n_images, prompts, px)
     return processor(text=[text] * prompts, images=images, return_tensors="pt", padding=True)
+
+
+def _images(n_images: int, prompts: int, px: int) -> list:
+    from PIL import Image
+
+    return [[Image.new("RGB", (px, px), (17 * i + 40 * p, 90, 160)) for i in range(n_images)] for p in range(prompts)]
 
 
 def _worker(model_dir: str, provider: str, n_images: int, sc: dict, device: str, queue) -> None:
@@ -64,8 +73,14 @@ def _worker(model_dir: str, provider: str, n_images: int, sc: dict, device: str,
     G, new = sc["G"], sc["new_tokens"]
     engine = HFEngine(model, processor.tokenizer, eos_token_ids=[])  # EOS ignored: exactly `new` tokens
 
+    if provider == "sglang":
+        from rarl_fast.rollout.sglang import SGLangEngine
+
+        engine = SGLangEngine(model_dir, processor.tokenizer, eos_token_ids=[], mem_fraction_static=0.3)
+        enc["images"] = _images(n_images, sc["prompts"], px)
+
     def run() -> int:
-        if provider == "shared_prefix":
+        if provider in ("shared_prefix", "sglang"):
             ro = engine.generate(enc, G, GenerationParams(max_new_tokens=new, seed=0))
             return int(ro.completion_ids.numel())
         out = model.generate(
@@ -86,7 +101,9 @@ def _worker(model_dir: str, provider: str, n_images: int, sc: dict, device: str,
     generated = run()
     sync()
     wall = time.perf_counter() - t0
-    if device == "cuda":
+    if provider == "sglang":
+        peak_mib = float("nan")  # SGLang allocates in its own scheduler process
+    elif device == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mib = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
@@ -119,7 +136,10 @@ def main() -> None:
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="bench")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--images", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--backend", choices=("hf", "sglang"), default="hf", help="sglang: also time SGLang's engine")
     args = ap.parse_args()
+    if args.backend == "sglang" and args.device != "cuda":
+        ap.error("--backend sglang needs --device cuda (SGLang's engine has no CPU build)")
     sc = SCENARIOS[args.scenario]
 
     import torch
@@ -131,8 +151,10 @@ def main() -> None:
         model_dir = str(make_tiny_vlm(Path(tmp) / "m", max_pixels=sc["image_px"] ** 2, **sc["model"]))
         for n_images in args.images:
             base = _measure(model_dir, "num_return_sequences", n_images, sc, args.device)
-            ours = _measure(model_dir, "shared_prefix", n_images, sc, args.device)
-            for r in (base, ours):
+            ours = [_measure(model_dir, "shared_prefix", n_images, sc, args.device)]
+            if args.backend == "sglang":
+                ours.append(_measure(model_dir, "sglang", n_images, sc, args.device))
+            for r in (base, *ours):
                 r["speedup"] = base["wall_s"] / r["wall_s"]
                 r["mem_ratio"] = r["peak_mib"] / base["peak_mib"] if base["peak_mib"] else float("nan")
                 rows.append(r)

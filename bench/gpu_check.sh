@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script a session runs when a GPU is lent (see README "GPU check").
 #
-#   bash bench/gpu_check.sh             # full check, <= 5 min
+#   bash bench/gpu_check.sh             # full check, <= 5 min (+ <= 2.5 min timing SGLang where it is installed)
 #   bash bench/gpu_check.sh --quick     # <= 2 min
 #   bash bench/gpu_check.sh --dry-run   # every part at toy size on the CPU (tests run this)
 #
@@ -122,6 +122,14 @@ part_rollout_bench() {
   fi
 }
 
+# SGLang beside the HF engine on the same scenario; skipped (exit 3) unless sglang is installed and a GPU is used.
+part_rollout_sglang() {
+  if [ "$DRY" = 1 ] || ! "$PY" -c "import sglang" >/dev/null 2>&1; then
+    echo "sglang is not installed here (or dry run): SGLang's engine is not timed"; return 3
+  fi
+  "$PY" bench/bench_rollout.py --scenario bench --device cuda --images 4 --backend sglang
+}
+
 part_kernels_3b() {
   if [ "$DRY" = 1 ]; then "$PY" bench/bench_kernels.py --device cpu --shape toy --quick --providers torch,ours --modes full
   elif [ "$QUICK" = 1 ]; then "$PY" bench/bench_kernels.py --device cuda --shape qwen2.5-vl-3b --quick --modes full
@@ -143,6 +151,7 @@ part_step_bench() {
 
 export DRY QUICK PY OUT_DIR SLUG
 export -f part_env part_install part_gpu_tests part_smoke part_rollout_bench part_kernels_3b part_kernels_7b part_step_bench
+export -f part_rollout_sglang
 
 # Time budgets (seconds) per part; each is a cap enforced by `timeout`. Full <= 5 min, --quick <= 2 min.
 if [ "$DRY" = 1 ]; then
@@ -152,6 +161,8 @@ elif [ "$QUICK" = 1 ]; then
 else
   B_ENV=10; B_INSTALL=25; B_TESTS=40; B_SMOKE=15; B_ROLLOUT=40; B_K3=80; B_K7=35; B_STEP=55
 fi
+# SGLang's part runs only where sglang is installed (engine start-up is most of it); it adds to the totals above.
+B_SGL=$([ "$QUICK" = 1 ] && echo 0 || echo 150)
 
 run_part env "$B_ENV" part_env
 run_part install "$B_INSTALL" part_install
@@ -159,6 +170,7 @@ if [ "$DRY" = 0 ] && [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONP
 run_part gpu-tests "$B_TESTS" part_gpu_tests
 run_part smoke "$B_SMOKE" part_smoke
 run_part rollout-bench "$B_ROLLOUT" part_rollout_bench
+if [ "$B_SGL" -gt 0 ]; then run_part rollout-sglang "$B_SGL" part_rollout_sglang; fi
 run_part kernels-3b "$B_K3" part_kernels_3b
 if [ "$B_K7" -gt 0 ]; then run_part kernels-7b "$B_K7" part_kernels_7b; fi
 if [ "$B_STEP" -gt 0 ]; then run_part step-bench "$B_STEP" part_step_bench; fi

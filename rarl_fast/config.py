@@ -567,6 +567,11 @@ class Config:
                     f"{name}.group_mix",
                     f"N={n} is not in data.group_sizes {self.data.group_sizes}",
                 )
+        _check(
+            not (self.rollout.backend == "sglang" and self.model.lora.enabled),
+            "rollout.backend",
+            "sglang loads merged checkpoint weights and cannot take LoRA adapters: use rollout.backend=hf with LoRA",
+        )
         G = self.rollout.num_generations
         _check(
             not (G == 1 and self.loss.scale_by_std),
@@ -595,5 +600,3 @@ class Config:
         if self.reward.tolerance is not None:
             return self.reward.tolerance
         return self.data.resolved("tolerance")
-
-

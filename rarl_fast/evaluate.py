@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from rarl_fast.rl.splice import completion_texts
+from rarl_fast.rollout.lifecycle import awake
 
 __all__ = ["evaluate", "generate_answers", "held_out_eval", "periodic_eval", "task_name", "write_table"]
 
@@ -32,11 +33,12 @@ def generate_answers(rt: Any, groups: list[Any], *, batch_size: int) -> list[str
     mine = rt.my_share(groups)
     texts: list[str] = []
     params = rt.generation_params(seed=None, greedy=True)
-    for i in range(0, len(mine), batch_size):
-        batch = collate(rt.processor, mine[i : i + batch_size], rt.cache).to(rt.device)
-        with torch.no_grad(), rt.acc.autocast():
-            ro = rt.engine.generate(batch, 1, params)
-        texts.extend(completion_texts(ro, rt.tokenizer))
+    with awake(rt.engine, version=None, weights=rt.hf_model.named_parameters):
+        for i in range(0, len(mine), batch_size):
+            batch = collate(rt.processor, mine[i : i + batch_size], rt.cache).to(rt.device)
+            with torch.no_grad(), rt.acc.autocast():
+                ro = rt.engine.generate(batch, 1, params)
+            texts.extend(completion_texts(ro, rt.tokenizer))
     world = rt.acc.num_processes
     if world == 1:
         return texts

@@ -159,6 +159,7 @@ def build_runtime(cfg: Config, *, train: bool = True, run_dir: Path | None = Non
     sizes = list(cfg.data.group_sizes)
     train_groups = build_train_groups(task, sizes, seed=cfg.data.seed, groups_per_n=cfg.data.train_groups_per_n)
     test_groups = build_test_groups(task, sizes, seed=cfg.data.seed, num_groups=cfg.data.num_test_groups)
+    cache = ImageCache.for_processor(processor, max_mb=cfg.data.image_cache_mb)
     engine = make_engine(
         cfg.rollout.backend,
         model=acc.unwrap_model(policy).model,
@@ -166,8 +167,8 @@ def build_runtime(cfg: Config, *, train: bool = True, run_dir: Path | None = Non
         model_path=path,
         seed=cfg.seed,
         mem_fraction_static=cfg.rollout.sglang_mem_fraction,
+        image_loader=cache.get,
     )
-    cache = ImageCache.for_processor(processor, max_mb=cfg.data.image_cache_mb)
     return Runtime(
         cfg=cfg,
         acc=acc,

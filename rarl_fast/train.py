@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from rarl_fast.rewards import RewardBreakdown, score
 from rarl_fast.rl.advantages import group_advantages
 from rarl_fast.rl.rmo import BestCache, RMOSettings, longest_gt_answer, mutate_responses, stagnant_groups
 from rarl_fast.rl.splice import completion_texts, splice_references
+from rarl_fast.rollout import awake
 from rarl_fast.rollout.base import Rollouts
 from rarl_fast.rollout.sampling import stable_seed
 from rarl_fast.runtime import Runtime, build_runtime
@@ -65,12 +67,13 @@ class StageState:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def rollout(rt: Runtime, groups: list[Group], seed: int) -> Rollouts:
-    """G completions for each of this rank's groups, sampled by the engine (counter-based seeds)."""
+def rollout(rt: Runtime, groups: list[Group], seed: int, version: Hashable | None = None) -> Rollouts:
+    """G completions for each of this rank's groups, sampled by the engine (counter-based seeds); the engine is
+    woken, given the policy's weights unless it holds ``version`` already, and put to sleep again."""
     from rarl_fast.data import collate
 
     batch = collate(rt.processor, groups, rt.cache).to(rt.device)
-    with torch.no_grad(), rt.acc.autocast():
+    with torch.no_grad(), rt.acc.autocast(), awake(rt.engine, version=version, weights=rt.hf_model.named_parameters):
         return rt.engine.generate(batch, rt.cfg.rollout.num_generations, rt.generation_params(seed))
 
 
@@ -245,7 +248,7 @@ def train_step(rt: Runtime, st: StageState) -> dict[str, Any]:
     step_seed = stable_seed(rt.cfg.seed, st.name, st.step)
     groups = rt.my_groups(st.sampler.next_batch())
     t0 = time.perf_counter()
-    ro = rollout(rt, groups, step_seed)
+    ro = rollout(rt, groups, step_seed, version=(st.name, st.step))
     t1 = time.perf_counter()
     rb = score_rollouts(rt, ro, groups, st.alpha, st.beta)
     rewards = rb.total.view(len(groups), ro.num_generations)
@@ -260,8 +263,6 @@ def train_step(rt: Runtime, st: StageState) -> dict[str, Any]:
     t2 = time.perf_counter()
     pairs.update(update_policy(rt, st, ro, adv))
     t3 = time.perf_counter()
-    if rt.cfg.rollout.backend != "hf":  # the HF engine shares the policy's weights; others get a push
-        rt.engine.update_weights(rt.hf_model.named_parameters())
     tokens = float(ro.completion_mask.sum() + ro.prompt_mask.sum())
     pairs.update(
         {

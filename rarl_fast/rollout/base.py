@@ -6,7 +6,7 @@ per prompt (never copied G times); ``group_index`` maps rows to prompts.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -194,7 +194,15 @@ def image_slices(images_per_prompt: Tensor, image_grid_thw: Tensor) -> tuple[lis
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """A rollout backend. ``generate`` returns prompt-major rows; the rest may be no-ops."""
+    """A rollout backend. ``generate`` returns prompt-major rows; the rest may be no-ops.
+
+    The trainer drives it through :func:`rarl_fast.rollout.awake` only: wake -> push the weights when the engine
+    does not hold the current policy -> generate -> sleep.
+    """
+
+    weights_version: Hashable | None
+    """The policy version whose weights the engine holds (set by ``awake`` after a push; None: unknown, so the
+    next ``awake`` pushes). An engine whose ``sleep`` drops its weights resets it to None."""
 
     def generate(self, batch: Any, n: int, params: GenerationParams) -> Rollouts:
         """Sample ``n`` completions per prompt of ``batch`` (a collated prompt batch)."""

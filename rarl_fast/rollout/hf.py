@@ -11,7 +11,7 @@ returned log-probs are those of docs/method.md section 4 (``logits / T`` before 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -55,6 +55,8 @@ class HFEngine:
     own forward over a KV cache copied to the G samples: the reference the shared-prefix path is tested against.
     """
 
+    weights_version: Hashable | None = None  # RolloutEngine: a shared module always holds the current policy
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -89,13 +91,14 @@ class HFEngine:
     # -- RolloutEngine protocol -------------------------------------------------------------------------------
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Copy tensors into the engine's model (no-op needed when it shares the policy module)."""
+        """Copy tensors into the engine's model (nothing to copy for the policy's own parameters, which it shares:
+        the trainer pushes them through ``awake`` before every rollout)."""
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in named_tensors:
                 if name not in params:
                     raise KeyError(f"HFEngine.update_weights: unknown parameter {name!r}")
-                if params[name].data_ptr() != tensor.data_ptr():
+                if params[name] is not tensor and params[name].data_ptr() != tensor.data_ptr():
                     params[name].copy_(tensor)
 
     def sleep(self) -> None:
