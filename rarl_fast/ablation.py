@@ -97,6 +97,8 @@ def find_variants(specs: Sequence[str], *, config_path: str | Path | None = None
             raise ConfigError("variants", f"no variant {spec!r} in {where} (known: {known})", "command line")
         out.append(load_variant(path))
     names = [v.name for v in out]
+    if not names:
+        raise ConfigError("variants", "name at least one variant (configs/ablations/<name>.yaml)", "command line")
     if len(set(names)) != len(names) or SHARED_STAGE1 in names:
         problem = f"variant names must be distinct and not {SHARED_STAGE1!r}: {names}"
         raise ConfigError("variants", problem, "command line")

@@ -158,28 +158,36 @@ def _paired(evals: list[Evaluation], against: str, notes: list[str]) -> list[dic
 
 
 def _paper_rows(evals: list[Evaluation], results: dict, notes: list[str]) -> list[dict[str, Any]]:
-    """Add the paper's rows for our benchmarks and sizes to ``results``; returns our-minus-paper differences."""
+    """Add the paper's rows for our benchmarks and sizes to ``results``; returns our-minus-paper differences (our
+    row against the published row of the same variant, benchmark and size)."""
     from rarl_fast.metrics import TASK_TITLES
     from rarl_fast.paper import paper_rows
 
     diffs: list[dict[str, Any]] = []
+    added: dict[tuple[str, str], Any] = {}
     for benchmark, size in dict.fromkeys((e.benchmark, e.size) for e in evals):
         task = next(e.task for e in evals if e.benchmark == benchmark)
         rows = paper_rows(benchmark, size)
-        title = TASK_TITLES.get(task, task)
         if not rows:
-            notes.append(f"the paper has no transcribed rows for {title}{f' {size}' if size else ''}")
+            notes.append(
+                f"the paper has no transcribed rows for {TASK_TITLES.get(task, task)}{f' {size}' if size else ''}"
+            )
         for r in rows:
-            key = f"paper: {r.label}"
-            results.setdefault(key, {})[task] = r.cells()
-            notes.append(f"`{key}`: published, {title} from the paper's Table {r.table} (arXiv 2601.20585)")
-            for ours in (e for e in evals if e.benchmark == benchmark and e.name.split("/")[-1] == r.variant):
-                mine = results[ours.name][task]
-                for n, cell in r.cells().items():
-                    if n in mine:
-                        diffs.append({"kind": "paper", "a": ours.name, "b": key, "task": task, "n": n,
-                                      "metric": cell.name, "a_value": mine[n].value, "b_value": cell.value,
-                                      "diff": mine[n].value - cell.value, "se": None, "groups": None})  # fmt: skip
+            added[(f"paper: {r.label}", task)] = r
+    for (key, task), r in added.items():
+        results.setdefault(key, {})[task] = r.cells()
+        notes.append(
+            f"`{key}`: published, {TASK_TITLES.get(task, task)} from the paper's Table {r.table} (arXiv 2601.20585)"
+        )
+        for ours in evals:
+            if ours.task != task or ours.name.split("/")[-1] != r.variant or ours.size not in (None, r.model):
+                continue
+            mine = results[ours.name][task]
+            for n, cell in r.cells().items():
+                if n in mine:
+                    diffs.append({"kind": "paper", "a": ours.name, "b": key, "task": task, "n": n, "metric": cell.name,
+                                  "a_value": mine[n].value, "b_value": cell.value, "diff": mine[n].value - cell.value,
+                                  "se": None, "groups": None})  # fmt: skip
     return diffs
 
 

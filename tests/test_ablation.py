@@ -83,6 +83,8 @@ def test_overlay_replaces_a_mapping_field_whole_and_names_its_file(tmp_path):
         load_variant(bad)
     with pytest.raises(ConfigError, match=r"no variant 'nope'.*'no_rmo'"):
         find_variants(["nope"], config_path=UTKFACE)
+    with pytest.raises(ConfigError, match="at least one"):
+        find_variants([" ", ""], config_path=UTKFACE)
     with pytest.raises(ConfigError, match="distinct"):
         find_variants(["rarl", "rarl"], config_path=UTKFACE)
     mine = tmp_path / "long_stage2.yaml"
