@@ -51,13 +51,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rarl_fast.demo import demo_processes, launch_command, launched, run_demo
 
     cfg = _load(args)
+    ablations = []
+    if args.ablations:
+        from rarl_fast.ablation import find_variants
+        from rarl_fast.demo import DEMO_ABLATIONS
+
+        ablations = find_variants(DEMO_ABLATIONS, config_path=args.config)
     processes = demo_processes(cfg) if args.processes is None else args.processes
     if processes > 1 and not launched():
-        argv = ["demo", "--processes", "1", *(["-c", args.config] if args.config else []), *args.overrides]
+        argv = ["demo", "--processes", "1", *(["--ablations"] if args.ablations else [])]
+        argv += [*(["-c", args.config] if args.config else []), *args.overrides]
         env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": str(cfg.cpu_threads or 1)}
         print(f"[demo] {processes} data-parallel CPU processes under accelerate launch", flush=True)
         return subprocess.call(launch_command(processes, argv), env=env)
-    run_demo(cfg)
+    run_demo(cfg, ablations=ablations)
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    """Run named ablation variants of the config (configs/ablations/<name>.yaml: the rows of the paper's Tables
+    2-6), each into its own run folder under <output_dir>/<run_name>/, RL variants with the config's stage 1 from
+    one shared stage-1 run; evaluate all on the same test groups and write the table. Running it again continues
+    where it stopped. Runs under `accelerate launch` for several processes (see rarl_fast/ablation.py)."""
+    import os
+    from pathlib import Path
+
+    from rarl_fast.ablation import find_variants, run_ablation
+
+    cfg = _load(args)
+    variants = find_variants(args.variants.split(","), config_path=args.config)
+    root = Path(cfg.output_dir) / cfg.run_name
+    run_ablation(cfg, variants, root)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from rarl_fast.report import write_report
+
+        print(write_report([root], paper=args.paper)["markdown"])
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The paper-shaped table of finished evaluations (ablate roots, demo or train/sft runs) side by side, with
+    paired differences over the test groups; with --paper the paper's published rows beside ours. Writes
+    report.md, report.csv, differences.csv and report.png (see rarl_fast/report.py)."""
+    from rarl_fast.config import ConfigError
+    from rarl_fast.report import write_report
+
+    try:
+        report = write_report(args.run_dirs, out=args.out, paper=args.paper, against=args.against)
+    except (FileNotFoundError, ValueError, ConfigError) as err:
+        print(f"rarl-fast: error: {err}", file=sys.stderr)
+        return 2
+    print(report["markdown"])
+    print(f"wrote {', '.join(str(p) for p in report['paths'].values())}")
     return 0
 
 
@@ -156,6 +201,8 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
     "eval": (cmd_eval, "greedy evaluation on the fixed test groups: results table + every response"),
     "plot": (cmd_plot, "render a run's training curves to PNG"),
     "demo": (cmd_demo, "the CPU demo: SFT warm start, then RARL vs continued SFT, table and curves"),
+    "ablate": (cmd_ablate, "run named ablation variants (the paper's Tables 2-6) from shared starts, then eval"),
+    "report": (cmd_report, "paper-shaped tables of finished runs side by side, optionally with the paper's rows"),
 }
 
 
@@ -169,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (handler, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=handler.__doc__)
         p.set_defaults(handler=handler)
-        if name in ("config", "demo", "data", "train", "sft", "eval"):
+        if name in ("config", "demo", "data", "train", "sft", "eval", "ablate"):
             _add_config_args(p)
         if name in ("train", "sft"):
             p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
@@ -194,6 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
                 help="data-parallel CPU processes (default: one per cpu_threads cores, started under accelerate "
                 "launch; 1 runs in this process)",
             )  # fmt: skip
+        if name == "demo":
+            p.add_argument(
+                "--ablations", action="store_true",
+                help="also branch stage 2 without RMO and regression-only RARL from the same stage 1 (and evaluate "
+                "stage 1 alone); about 12 more minutes on 2 cores",
+            )  # fmt: skip
+        if name == "ablate":
+            p.add_argument(
+                "--variants", required=True,
+                help="comma-separated variant names (configs/ablations/<name>.yaml beside the config: base, sft, "
+                "reg_only, rank_only, stage1_only, no_rmo, rarl) or paths to YAML overlays",
+            )  # fmt: skip
+        if name in ("ablate", "report"):
+            p.add_argument("--paper", action="store_true", help="add the paper's published rows for our benchmarks")
+        if name == "report":
+            p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="ablate roots or run folders with eval/")
+            p.add_argument("--out", default=None, help="output folder (default: the first RUN_DIR)")
+            p.add_argument("--against", default="rarl", help="the row every other row is compared with (paired)")
         if name == "make-tiny":
             p.add_argument("out", help="output folder")
             p.add_argument("--seed", type=int, default=0, help="weight seed")

@@ -20,7 +20,7 @@ import yaml
 
 from rarl_fast.config import Config, ConfigError
 
-__all__ = ["config_from_dict", "config_to_dict", "dump_config", "load_config", "parse_override"]
+__all__ = ["config_from_dict", "config_to_dict", "dump_config", "load_config", "overlay_config", "parse_override"]
 
 
 _FLOAT_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)", re.IGNORECASE)
@@ -189,6 +189,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return config_from_dict(tree)
     except ConfigError as err:
         raise ConfigError(err.key, err.problem, _source(err.key, source_of, file_label)) from None
+
+
+def _overlay_leaves(node: Any, values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) per leaf of ``values``: a mapping under a section of ``node`` is walked into, any other
+    value (a dict-valued field such as ``group_mix`` too) replaces the field whole, as an override does."""
+    out: list[tuple[str, Any]] = []
+    for k, v in values.items():
+        child = getattr(node, str(k), None) if node is not None else None
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and dataclasses.is_dataclass(child):
+            out += _overlay_leaves(child, v, key + ".")
+        else:
+            out.append((key, v))
+    return out
+
+
+def overlay_config(cfg: Config, values: dict[str, Any], source: str) -> Config:
+    """``cfg`` with the nested mapping ``values`` laid over it (sections merge, fields are replaced), validated;
+    a problem raises one :class:`ConfigError` naming the key and ``source`` (the overlay's file)."""
+    if not isinstance(values, dict):
+        raise ConfigError("", f"an overlay must be a mapping, got {type(values).__name__}", source)
+    tree = config_to_dict(cfg)
+    try:
+        for key, value in _overlay_leaves(cfg, values):
+            _set_dotted(tree, key, value)
+        return config_from_dict(tree)
+    except ConfigError as err:
+        raise ConfigError(err.key, err.problem, source) from None
 
 
 def _source(key: str, source_of: dict[str, str], file_label: str) -> str:

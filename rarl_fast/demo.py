@@ -21,14 +21,23 @@ import json
 import multiprocessing
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from rarl_fast.compare import paired_tau_gap
 from rarl_fast.config import Config
 from rarl_fast.config_loader import dump_config
 
-__all__ = ["demo_processes", "launch_command", "launched", "paired_tau_gap", "reward_rise", "run_demo"]
+if TYPE_CHECKING:
+    from rarl_fast.ablation import Variant
+
+__all__ = ["DEMO_ABLATIONS", "demo_processes", "launch_command", "launched", "reward_rise", "run_demo"]
+
+DEMO_ABLATIONS = ("rarl", "stage1_only", "no_rmo", "reg_only")
+"""``rarl-fast demo --ablations``: the variants (configs/ablations/) branched from the warm start: the full method,
+its stage 1 alone, stage 2 without RMO, and the regression reward through both stages."""
 
 
 def launched() -> bool:
@@ -100,55 +109,16 @@ def reward_rise(rows: list[dict[str, Any]], *, key: str = "reward/total", frac: 
     return out
 
 
-def paired_tau_gap(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> dict[str, Any]:
-    """Model A minus model B on the mean of the N >= 2 Kendall-tau columns, paired over the shared test groups.
-
-    ``rows_*`` are eval JSONL lines (``n``, ``key``, ``truth``, ``response``) of two models on the same fixed test
-    groups. Per N: the mean per-group tau difference and its standard error; over the columns: the difference
-    of the column means with SE = sqrt(sum of the column SE^2) / columns. ``verdict`` is ``ahead`` / ``behind``
-    when the gap exceeds 2 SE, else ``within test-set noise`` (seed noise comes on top: compare seeds too).
-    """
-    import statistics
-
-    from rarl_fast.metrics import group_kendall
-
-    def taus(rows: list[dict[str, Any]], n: int) -> dict[str, float]:
-        sel = [r for r in rows if int(r["n"]) == n]
-        tau, _ = group_kendall([r["response"] for r in sel], [r["truth"] for r in sel])
-        return {json.dumps(r["key"]): float(t) for r, t in zip(sel, tau)}
-
-    per_n: dict[str, dict[str, float]] = {}
-    for n in sorted({int(r["n"]) for r in rows_a if int(r["n"]) >= 2}):
-        a, b = taus(rows_a, n), taus(rows_b, n)
-        if set(a) != set(b) or len(a) < 2:
-            raise ValueError(f"N={n}: the two evaluations do not cover the same test groups (>= 2 needed)")
-        diff = [a[k] - b[k] for k in sorted(a)]
-        per_n[str(n)] = {
-            "a": statistics.fmean(a.values()),
-            "b": statistics.fmean(b.values()),
-            "diff": statistics.fmean(diff),
-            "se": statistics.stdev(diff) / len(diff) ** 0.5,
-            "groups": len(diff),
-        }
-    if not per_n:
-        raise ValueError("no N >= 2 rows to compare")
-    cols = list(per_n.values())
-    gap = statistics.fmean(c["diff"] for c in cols)
-    se = sum(c["se"] ** 2 for c in cols) ** 0.5 / len(cols)
-    verdict = "ahead" if gap > 2 * se else "behind" if gap < -2 * se else "within test-set noise"
-    return {
-        "a": statistics.fmean(c["a"] for c in cols),
-        "b": statistics.fmean(c["b"] for c in cols),
-        "diff": gap,
-        "se": se,
-        "verdict": verdict,
-        "per_n": per_n,
-    }
-
-
 def _eval_rows(run_dir: Path, name: str) -> list[dict[str, Any]]:
     with (run_dir / "eval" / f"{name}.jsonl").open() as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _cells(cfg: Config, root: Path, name: str) -> dict[int, Any]:
+    """The table cells of the evaluation ``root/<name>/eval/<name>.jsonl``."""
+    from rarl_fast.report import Evaluation
+
+    return Evaluation.load(name, root / name / "eval" / f"{name}.jsonl", cfg).cells()
 
 
 def _main_process() -> bool:
@@ -190,17 +160,25 @@ def _spare_cores(cfg: Config) -> bool:
     return not torch.cuda.is_available() and bool(cfg.cpu_threads) and _cores() >= 2 * cfg.cpu_threads
 
 
-def run_demo(cfg: Config) -> dict[str, Any]:
+def run_demo(cfg: Config, *, ablations: Sequence[Variant] = ()) -> dict[str, Any]:
     """Run the demo; returns the summary (also written as JSON; ``{}`` on the other ranks of a launch).
 
     Under ``accelerate launch`` every rank calls this and each step runs data-parallel. In a single process on
     a CPU machine with the cores for it, the continued-SFT baseline trains in a second process while RARL
     trains in this one (the two branches only share the warm start); elsewhere they run one after the other.
+
+    ``ablations`` (``--ablations``: the variants of :data:`DEMO_ABLATIONS`, ``rarl`` among them) replace the RARL
+    branch by :func:`~rarl_fast.ablation.run_ablation` from the warm start: one stage-1 run, then the stage 2 of
+    RARL and of each variant from it; each gets a table row and its paired N >= 2 tau gap to RARL.
     """
+    from rarl_fast.ablation import run_ablation, variant_config
     from rarl_fast.commands import run_eval, run_rarl, run_sft, with_model
     from rarl_fast.evaluate import task_name, write_table
     from rarl_fast.model import resolve_model_path
     from rarl_fast.plot import plot_run
+
+    if ablations and "rarl" not in [v.name for v in ablations]:
+        raise ValueError("the demo's ablations must include the full method, variant 'rarl'")
 
     root = Path(cfg.output_dir) / cfg.run_name
     main = _main_process()
@@ -222,6 +200,10 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     results["SFT warm start"] = {task: warm_res}
 
     def rarl_branch() -> tuple[Path, dict[int, Any]]:
+        if ablations:
+            manifest = _timed(times, "rarl and ablations", run_ablation, with_model(cfg, warm), ablations, root)
+            times.update({f"ablation {k} (+ eval)": v for k, v in manifest["wall_seconds"].items()})
+            return root / "rarl" / "model", _cells(cfg, root, "rarl")
         rarl = _timed(times, "rarl", run_rarl, with_model(cfg, warm), run_dir=root / "rarl")
         return rarl, _timed(times, "eval rarl", run_eval, with_model(cfg, rarl), "rarl", run_dir=root / "rarl")
 
@@ -244,12 +226,23 @@ def run_demo(cfg: Config) -> dict[str, Any]:
         return {}
     results[f"SFT warm start + {rl_steps} SFT steps"] = {task: more_res}
     results[f"SFT warm start + RARL ({rl_steps} steps)"] = {task: rarl_res}
+    gaps: dict[str, dict[str, Any]] = {}
+    for v in (v for v in ablations if v.name != "rarl"):
+        vcfg = variant_config(cfg, v, root)
+        steps = sum(s.steps for s in (vcfg.stage1, vcfg.stage2) if s.enabled) if v.train == "rarl" else vcfg.sft.steps
+        results[f"SFT warm start + RARL {v.name} ({steps} steps)"] = {task: _cells(cfg, root, v.name)}
+        gaps[v.name] = paired_tau_gap(_eval_rows(root / "rarl", "rarl"), _eval_rows(root / v.name, v.name))
     from rarl_fast.tracking import read_metrics
 
     rise = reward_rise(read_metrics(root / "rarl"))
     gap = paired_tau_gap(_eval_rows(root / "rarl", "rarl"), _eval_rows(root / "sft_continued", "sft_continued"))
     table = write_table(results, root, cfg.data.group_sizes)
-    curves = {name: str(plot_run(root / name)) for name in ("sft_warm", "sft_continued", "rarl")}
+    runs = ["sft_warm", "sft_continued", "rarl"] + [
+        n
+        for n in ("shared_stage1", *(v.name for v in ablations))
+        if n != "rarl" and (root / n / "metrics.jsonl").is_file()
+    ]
+    curves = {name: str(plot_run(root / name)) for name in runs}
     times["total"] = round(time.perf_counter() - t_all, 1)
     summary = {
         "processes": _world_size(),
@@ -259,6 +252,7 @@ def run_demo(cfg: Config) -> dict[str, Any]:
         "models": {"sft_warm": str(warm), "sft_continued": str(more), "rarl": str(rarl)},
         "reward_rise": {str(stage): r for stage, r in rise.items()},
         "rarl_vs_sft_continued": gap,  # a = RARL, b = continued SFT: mean of the N >= 2 tau columns, paired
+        **{f"rarl_vs_{name}": g for name, g in gaps.items()},  # --ablations: a = RARL, b = the variant
         "results": {
             model: {
                 str(n): {"metric": c.name, "value": c.value, "failure_rate": c.failure_rate}
@@ -280,5 +274,10 @@ def run_demo(cfg: Config) -> dict[str, Any]:
         f"[demo] mean N>=2 tau: RARL {gap['a']:.3f} vs continued SFT {gap['b']:.3f} (diff {gap['diff']:+.3f}, "
         f"paired SE over the test groups {gap['se']:.3f}): RARL {gap['verdict']}"
     )
+    for name, g in gaps.items():
+        print(
+            f"[demo] mean N>=2 tau: RARL {g['a']:.3f} vs {name} {g['b']:.3f} (diff {g['diff']:+.3f}, paired SE "
+            f"{g['se']:.3f}): RARL {g['verdict']}"
+        )
     print(f"[demo] total {times['total']} s; table {root / 'results.md'}; curves {', '.join(curves.values())}")
     return summary

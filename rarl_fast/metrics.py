@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from rarl_fast.rewards.parse import Parsed, parse_responses
 
 __all__ = [
     "MetricResult",
+    "column_title",
     "counting_accuracy",
     "evaluate_answers",
     "group_kendall",
@@ -32,6 +34,7 @@ __all__ = [
     "results_markdown",
     "single_predictions",
     "srcc",
+    "table_columns",
 ]
 
 TASK_TITLES = {"age": "UTKFace", "count": "COCO-REM", "aesthetics": "AVA"}
@@ -47,8 +50,9 @@ class MetricResult:
     Attributes:
         name: ``mae``, ``accuracy`` (a fraction), ``srcc`` or ``kendall_tau``.
         value: the metric over all answers, failures included by the rules above.
-        failure_rate: the fraction of answers that failed to parse or did not list all N images.
-        count: answers evaluated.
+        failure_rate: the fraction of answers that failed to parse or did not list all N images; NaN where it is
+            not known (a published number).
+        count: answers evaluated (0 for a published number).
     """
 
     name: str
@@ -200,7 +204,7 @@ Results = Mapping[str, Mapping[str, Mapping[int, MetricResult]]]
 """model -> task -> N -> cell."""
 
 
-def _columns(results: Results, group_sizes: Sequence[int]) -> list[tuple[str, int, str]]:
+def table_columns(results: Results, group_sizes: Sequence[int]) -> list[tuple[str, int, str]]:
     """(task, N, metric name) per column: tasks in first-seen order, N in ``group_sizes`` order."""
     tasks: dict[str, dict[int, str]] = {}
     for per_task in results.values():
@@ -210,18 +214,22 @@ def _columns(results: Results, group_sizes: Sequence[int]) -> list[tuple[str, in
     return [(task, n, names[n]) for task, names in tasks.items() for n in group_sizes if n in names]
 
 
+def column_title(task: str, n: int, metric: str) -> str:
+    """``UTKFace 2 imgs (τ ↑)``: the header of a (task, N) column."""
+    return f"{TASK_TITLES.get(task, task)} {n} img{'s' if n > 1 else ''} ({_HEADERS.get(metric, metric)})"
+
+
 def _format(cell: MetricResult) -> str:
     value = f"{100 * cell.value:.2f}" if cell.name == "accuracy" else f"{cell.value:.{2 if cell.name == 'mae' else 3}f}"
-    return f"{value} (fail {100 * cell.failure_rate:.1f}%)"
+    return value if math.isnan(cell.failure_rate) else f"{value} (fail {100 * cell.failure_rate:.1f}%)"
 
 
 def results_markdown(results: Results, group_sizes: Sequence[int] = (1, 2, 4, 8)) -> str:
     """The paper-shaped table as Markdown: a row per model, a column per (task, N images), each cell
-    ``value (fail x%)`` with the parse-failure rate; missing cells are ``-``."""
-    cols = _columns(results, group_sizes)
-    head = ["Model"] + [
-        f"{TASK_TITLES.get(t, t)} {n} img{'s' if n > 1 else ''} ({_HEADERS.get(m, m)})" for t, n, m in cols
-    ]
+    ``value (fail x%)`` with the parse-failure rate (the value alone where the rate is unknown); missing cells
+    are ``-``."""
+    cols = table_columns(results, group_sizes)
+    head = ["Model"] + [column_title(t, n, m) for t, n, m in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * len(cols)) + "|"]
     for model, per_task in results.items():
         cells = [_format(per_task[t][n]) if n in per_task.get(t, {}) else "-" for t, n, _ in cols]
@@ -231,8 +239,9 @@ def results_markdown(results: Results, group_sizes: Sequence[int] = (1, 2, 4, 8)
 
 def results_csv(results: Results, group_sizes: Sequence[int] = (1, 2, 4, 8)) -> str:
     """The same table as CSV: ``model`` then, per (task, N), ``<task>/<N>img/<metric>``,
-    ``<task>/<N>img/parse_failure_rate`` and ``<task>/<N>img/count`` (raw values; accuracy as a fraction)."""
-    cols = _columns(results, group_sizes)
+    ``<task>/<N>img/parse_failure_rate`` and ``<task>/<N>img/count`` (raw values; accuracy as a fraction; an
+    unknown failure rate is empty)."""
+    cols = table_columns(results, group_sizes)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     header = ["model"]
@@ -243,6 +252,10 @@ def results_csv(results: Results, group_sizes: Sequence[int] = (1, 2, 4, 8)) -> 
         row: list[object] = [model]
         for t, n, _ in cols:
             cell = per_task.get(t, {}).get(n)
-            row += ["", "", ""] if cell is None else [repr(cell.value), repr(cell.failure_rate), cell.count]
+            if cell is None:
+                row += ["", "", ""]
+            else:
+                rate = "" if math.isnan(cell.failure_rate) else repr(cell.failure_rate)
+                row += [repr(cell.value), rate, cell.count]
         writer.writerow(row)
     return buf.getvalue()

@@ -123,7 +123,8 @@ def build_runtime(cfg: Config, *, train: bool = True, run_dir: Path | None = Non
     acc = make_accelerator(cfg, run_dir, trackers=available_trackers(cfg.logging.trackers) if train else None)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
+        if train or not (run_dir / "config.yaml").is_file():  # evaluating a trained model keeps its run's config
+            dump_config(cfg, run_dir / "config.yaml")
     acc.wait_for_everyone()
     for key, per_step in (("rollout", cfg.rollout.prompts_per_step), ("sft", cfg.sft.prompts_per_step)):
         if train and per_step and per_step % acc.num_processes:
