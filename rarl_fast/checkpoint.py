@@ -10,9 +10,10 @@ A checkpoint folder ``checkpoint-<step>`` holds:
 
 Resuming (:func:`resume_checkpoint`) checks the newest complete checkpoint before loading it (file sizes against
 ``COMPLETE``, the safetensors headers, the torch files' zip directories, the trainer state's keys); a checkpoint
-that fails the check or the load is renamed ``checkpoint-<step>.unusable`` (kept, never deleted) with a warning
-naming the bad file, and the previous one is tried. Only checkpoints of steps up to the one just written are
-pruned by ``keep_last``, so a checkpoint of a later step is never deleted in favour of an earlier one.
+that fails the check or the load is passed over with a warning naming the bad file, and the previous one is
+tried; once one loads, those passed over are renamed ``checkpoint-<step>.unusable`` (kept, never deleted). Only
+checkpoints of steps up to the one just written are pruned by ``keep_last``, so a checkpoint of a later step is
+never deleted in favour of an earlier one.
 """
 
 from __future__ import annotations
@@ -118,10 +119,8 @@ def save_checkpoint(
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs for anything else
         newest = latest_checkpoint(run_dir)
-        resume = f"the run can resume from {newest.name}" if newest else "no complete checkpoint to resume from"
-        raise CheckpointError(
-            f"cannot write checkpoint {final} ({type(err).__name__}: {err}); {resume} with --resume"
-        ) from err
+        resume = f"the run can resume from {newest.name} with --resume" if newest else "no checkpoint to resume from"
+        raise CheckpointError(f"cannot write checkpoint {final} ({type(err).__name__}: {err}); {resume}") from err
     if accelerator.is_main_process:
         ours = [p for p in complete_checkpoints(run_dir) if _step(p) <= step]
         for old in ours[:-keep_last]:
@@ -185,12 +184,14 @@ def load_checkpoint(accelerator: Any, checkpoint: str | Path) -> dict[str, Any]:
 
 def resume_checkpoint(accelerator: Any, run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     """Load the newest usable complete checkpoint of ``run_dir`` (all ranks call this); returns it and its trainer
-    state. Each checkpoint that fails :func:`checkpoint_problem` or the load on any rank is set aside as
-    ``<name>.unusable`` with a warning, and the previous one is tried; raises :class:`CheckpointError` when none
-    is left. A load that failed part-way is overwritten by the next one, which restores every piece of state."""
+    state. A checkpoint that fails :func:`checkpoint_problem` or the load on any rank is passed over with a warning
+    naming the bad file, and the previous one is tried; once one loads, those passed over are set aside as
+    ``<name>.unusable`` (kept, never deleted), so that the resumed run's checkpoints do not compete with them.
+    Raises :class:`CheckpointError`, changing nothing, when none is usable. A load that failed part-way is
+    overwritten by the next one, which restores every piece of state."""
     import torch
 
-    tried = []
+    passed: list[tuple[Path, str]] = []
     for checkpoint in reversed(complete_checkpoints(run_dir)):
         problem = checkpoint_problem(checkpoint)
         state: dict[str, Any] = {}
@@ -201,16 +202,23 @@ def resume_checkpoint(accelerator: Any, run_dir: str | Path) -> tuple[Path, dict
                 problem = f"loading failed ({type(err).__name__}: {err})"
         ok = torch.tensor(float(problem is None), device=accelerator.device)
         if float(accelerator.reduce(ok, reduction="sum")) == accelerator.num_processes:  # host sync: all ranks
+            _set_aside(accelerator, [p for p, _ in passed])
             return checkpoint, state
         problem = problem or "loading failed on another process"
-        tried.append(f"{checkpoint.name}: {problem}")
+        passed.append((checkpoint, problem))
         log.warning("checkpoint %s is unusable: %s; trying the previous one", checkpoint, problem)
-        if accelerator.is_main_process:
+    tried = "; ".join(f"{p.name}: {why}" for p, why in passed) or "none is complete"
+    raise CheckpointError(f"no usable checkpoint in {run_dir}: {tried}")
+
+
+def _set_aside(accelerator: Any, checkpoints: list[Path]) -> None:
+    """Rename each of ``checkpoints`` to ``<name>.unusable`` (a free name) on the main process."""
+    if accelerator.is_main_process:
+        for checkpoint in checkpoints:
             aside = _free_name(checkpoint.with_name(checkpoint.name + ".unusable"))
             checkpoint.rename(aside)
-            log.warning("moved %s to %s", checkpoint.name, aside.name)
-        accelerator.wait_for_everyone()
-    raise CheckpointError(f"no usable checkpoint in {run_dir}: " + "; ".join(tried or ["none is complete"]))
+            log.warning("set %s aside as %s", checkpoint.name, aside.name)
+    accelerator.wait_for_everyone()
 
 
 def _free_name(path: Path) -> Path:

@@ -211,11 +211,14 @@ def resolve_model_path(name_or_path: str, tiny_dir: str | Path = "runs/tiny_vlm"
     """``tiny`` -> the embedded tiny VLM folder with ``tiny_layers`` decoder layers (built on first use); anything
     else unchanged. A folder already holding a tiny VLM of another depth raises instead of being reused, and a
     path that can only be a local folder (it starts with ``/``, ``.`` or ``~``, or has more than one ``/``, unlike
-    a Hub id ``org/name``) must exist."""
+    a Hub id ``org/name``) must be a folder holding a model (``config.json``)."""
     if name_or_path != "tiny":
+        folder = Path(name_or_path).expanduser()
         local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
-        if local and not Path(name_or_path).expanduser().is_dir():
+        if local and not folder.is_dir():
             raise ModelLoadError(f"no model folder at {name_or_path} (model.name_or_path or --model)")
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{name_or_path} holds no model (no config.json): is it a save_pretrained folder?")
         return name_or_path
     tiny_dir = Path(tiny_dir)
     config = tiny_dir / "config.json"

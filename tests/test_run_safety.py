@@ -217,6 +217,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_vlm_dir
         (ckpt / "trainer_state.json").write_text("not json")
     with pytest.raises(CheckpointError, match=r"no usable checkpoint in .*checkpoint-0000003: trainer_state\.json has"):
         _train(tiny_vlm_dir, tmp_path / "none", resume=True, **three)
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == [f"checkpoint-{i:07d}" for i in (1, 2, 3)]  # as found
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,3 +280,21 @@ def test_command_line_failures_end_with_one_line(tiny_vlm_dir, tmp_path, capsys)
 
     code, _, err = _cli(["config", "seed=-1"], capsys)
     assert code == 2 and err.count("\n") == 1 and "config key 'seed' (command-line override 'seed=-1')" in err
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_says_where_the_run_can_resume(tiny_vlm_dir, tmp_path, monkeypatch, capsys):
+    import rarl_fast.train as train_mod
+
+    original = train_mod.train_step
+
+    def interrupted(rt, st):
+        if st.name == "stage2":
+            raise KeyboardInterrupt
+        return original(rt, st)
+
+    monkeypatch.setattr(train_mod, "train_step", interrupted)  # Ctrl-C as stage 2 starts, after checkpoint 2
+    code, _, err = _cli(["train", "--no-eval", "-c", str(DEMO), *tiny_overrides(tiny_vlm_dir, tmp_path)], capsys)
+    assert code == 130 and "Traceback" not in err
+    expected = f"interrupted; resume from checkpoint-0000002 with --resume (run folder {tmp_path / 'run'})"
+    assert _last_error_line(err) == f"rarl-fast: error: {expected}"
