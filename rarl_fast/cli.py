@@ -1,17 +1,27 @@
-"""``rarl-fast`` command line. Only argparse at start-up: each subcommand imports what it needs when it runs."""
+"""``rarl-fast`` command line. Only argparse at start-up: each subcommand imports what it needs when it runs.
+
+:func:`main` is the error boundary: a failure the user can act on ends the command with one line
+``rarl-fast: error: ...`` on stderr and its exit status (:mod:`rarl_fast.errors`); ``--debug`` adds the traceback.
+``key.sub=value`` overrides may stand anywhere after the command, before or after its flags.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 
 Handler = Callable[[argparse.Namespace], int]
 
+_OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*=")
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, help="YAML config (configs/*.yaml); omitted = all defaults")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides applied on top of the file")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="overrides applied on top of the file (anywhere)"
+    )
 
 
 def _load(args: argparse.Namespace):
@@ -48,9 +58,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
-    from rarl_fast.demo import demo_processes, launch_command, launched, run_demo
+    from rarl_fast.demo import claim_demo_root, demo_processes, launch_command, launched, run_demo
 
     cfg = _load(args)
+    claim_demo_root(cfg, overwrite=args.overwrite)  # before a relaunch: the processes then find the root free
     ablations = []
     if args.ablations:
         from rarl_fast.ablation import find_variants
@@ -61,6 +72,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if processes > 1 and not launched():
         argv = ["demo", "--processes", "1", *(["--ablations"] if args.ablations else [])]
         argv += [*(["-c", args.config] if args.config else []), *args.overrides]
+        argv += ["--debug"] if args.debug else []
         env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": str(cfg.cpu_threads or 1)}
         print(f"[demo] {processes} data-parallel CPU processes under accelerate launch", flush=True)
         return subprocess.call(launch_command(processes, argv), env=env)
@@ -128,7 +140,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rarl_fast.commands import run_rarl
 
     cfg = _load(args)
-    return _evaluate_trained(args, cfg, run_rarl(cfg, resume=args.resume), "rarl", "RARL")
+    model = run_rarl(
+        cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change
+    )
+    return _evaluate_trained(args, cfg, model, "rarl", "RARL")
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
@@ -136,7 +151,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from rarl_fast.commands import run_sft
 
     cfg = _load(args)
-    return _evaluate_trained(args, cfg, run_sft(cfg, steps=args.steps), "sft", "SFT")
+    return _evaluate_trained(args, cfg, run_sft(cfg, steps=args.steps, overwrite=args.overwrite), "sft", "SFT")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -165,15 +180,11 @@ def cmd_data(args: argparse.Namespace) -> int:
     histograms, and a contact-sheet PNG of a few test groups with their prompts and true answers."""
     from pathlib import Path
 
-    from rarl_fast.data import DataNotFoundError, build_test_groups, load_task
+    from rarl_fast.data import build_test_groups, load_task
     from rarl_fast.data.preview import contact_sheet, value_histogram
 
     cfg = _load(args)
-    try:
-        task = load_task(cfg.data, tolerance=cfg.tolerance())
-    except DataNotFoundError as err:
-        print(f"rarl-fast: error: {err}", file=sys.stderr)
-        return 2
+    task = load_task(cfg.data, tolerance=cfg.tolerance())
     print(f"task: {task.task}   rule: {task.rule!r}   value range: {task.value_range!r}")
     print(f"tolerance: {task.tolerance:g}   1-image metric: {task.metric}")
     for text in task.report.lines():
@@ -187,7 +198,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"test groups of {n} image(s): {len(gs)} shown of data.num_test_groups={cfg.data.num_test_groups}")
     out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.run_name / "data_contact_sheet.png"
     shown = [g for gs in groups.values() for g in gs]
-    contact_sheet(shown, out, title=task.report.source)
+    contact_sheet(shown, out, title=task.report.source, max_pixels=cfg.data.max_image_pixels)
     print(f"wrote {out}")
     return 0
 
@@ -212,16 +223,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ranking-aware RL (GRPO + RMO) for ordinal regression and ranking with Qwen2.5-VL.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    debug_help = "on an error, print the traceback as well as the one-line message"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (handler, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=handler.__doc__)
         p.set_defaults(handler=handler)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
         if name in ("config", "demo", "data", "train", "sft", "eval", "ablate"):
             _add_config_args(p)
         if name in ("train", "sft"):
             p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+        if name in ("train", "sft", "demo"):
+            p.add_argument(
+                "--overwrite", action="store_true",
+                help="start afresh in a run folder that holds an earlier run, after renaming that folder to "
+                "<run_name>.replaced-<time> (nothing is deleted)",
+            )  # fmt: skip
         if name == "train":
-            p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+            p.add_argument(
+                "--resume", action="store_true",
+                help="continue the run in the run folder from its newest usable checkpoint, with the same config",
+            )  # fmt: skip
+            p.add_argument(
+                "--allow-config-change", action="store_true",
+                help="with --resume: accept a config that differs from the checkpoint's in keys that change training",
+            )  # fmt: skip
         if name == "sft":
             p.add_argument("--steps", type=int, default=None, help="override sft.steps")
         if name == "eval":
@@ -276,9 +303,26 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args`` that also takes ``key.sub=value`` overrides after the command's flags (argparse alone
+    takes only the first run of positional words)."""
+    args, extra = parser.parse_known_args(argv)
+    stray = []
+    for word in extra:
+        if isinstance(getattr(args, "overrides", None), list) and _OVERRIDE.match(word):
+            args.overrides.append(word)
+        else:
+            stray.append(word)
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        parser.error("--resume and --overwrite exclude each other: continue the run, or start afresh")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.version:
         from rarl_fast import __version__
 
@@ -287,14 +331,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from rarl_fast.config import ConfigError
-
+    _show_warnings()
     try:
         code = args.handler(args)
-    except ConfigError as err:
-        print(f"rarl-fast: error: {err}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as err:
+        return _report(err, debug=args.debug)
     _leave_process_group()
+    return code
+
+
+def _show_warnings() -> None:
+    """Warnings of rarl_fast's modules (a skipped image, an unusable checkpoint) on stderr as
+    ``rarl-fast: warning: ...``, unless the application set up logging for them already."""
+    import logging
+
+    class Stderr(logging.StreamHandler):  # whatever sys.stderr is when a warning comes (tests swap it)
+        stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+    logger = logging.getLogger("rarl_fast")
+    if logger.handlers:
+        return
+    handler = Stderr()
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("rarl-fast: warning: %(message)s"))
+    logger.addHandler(handler)
+
+
+def _report(err: BaseException, *, debug: bool) -> int:
+    """Print ``err`` as the one-line error (with the traceback first under ``--debug``); returns the exit status."""
+    import traceback
+
+    from rarl_fast.errors import describe, one_line
+
+    if debug:
+        traceback.print_exception(err)
+    described = describe(err)
+    if described is None:  # not a failure we know: a bug, or a library's error we do not translate yet
+        code, message = 1, one_line(f"{type(err).__name__}: {err}")
+        if not debug:
+            message += " (an unexpected error: run with --debug for the traceback)"
+    else:
+        code, message = described
+    print(f"rarl-fast: error: {message}", file=sys.stderr, flush=True)
     return code
 
 

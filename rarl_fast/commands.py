@@ -40,30 +40,43 @@ def save_final(rt: Any, out: Path) -> Path:
     return out
 
 
-def run_sft(cfg: Config, *, steps: int | None = None, run_dir: Path | None = None) -> Path:
-    """``steps`` (default ``cfg.sft.steps``) SFT steps from ``cfg.model``; returns the saved model folder."""
+def run_sft(cfg: Config, *, steps: int | None = None, run_dir: Path | None = None, overwrite: bool = False) -> Path:
+    """``steps`` (default ``cfg.sft.steps``) SFT steps from ``cfg.model`` in a run folder of their own (``overwrite``
+    moves an earlier run aside); returns the saved model folder."""
     from rarl_fast.runtime import build_runtime
     from rarl_fast.sft import train_sft
 
-    rt = build_runtime(cfg, train=True, run_dir=run_dir)
+    rt = build_runtime(cfg, train=True, run_dir=run_dir, claim="overwrite" if overwrite else "new", resumable=False)
     t0 = time.perf_counter()
     train_sft(rt, steps=cfg.sft.steps if steps is None else steps, lr=cfg.sft.lr, mix=cfg.sft.group_mix)
     log.info("SFT: %d steps in %.1f s", steps or cfg.sft.steps, time.perf_counter() - t0)
     return save_final(rt, rt.run_dir / "model")
 
 
-def run_rarl(cfg: Config, *, resume: bool = False, run_dir: Path | None = None) -> Path:
-    """Stage 1 + stage 2 from ``cfg.model``; returns the saved model folder."""
+def run_rarl(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    run_dir: Path | None = None,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+) -> Path:
+    """Stage 1 + stage 2 from ``cfg.model`` (see :func:`rarl_fast.train.train`); returns the saved model folder."""
     from rarl_fast.train import train
 
-    rt = train(cfg, resume=resume, run_dir=run_dir)
+    rt = train(cfg, resume=resume, run_dir=run_dir, overwrite=overwrite, allow_config_change=allow_config_change)
     return save_final(rt, rt.run_dir / "model")
 
 
 def run_eval(cfg: Config, name: str, *, run_dir: Path | None = None) -> dict[int, Any]:
-    """Greedy evaluation of ``cfg.model`` on the fixed test groups; ``{N: MetricResult}``."""
+    """Greedy evaluation of ``cfg.model`` on the fixed test groups; ``{N: MetricResult}``. Adds its files to the run
+    folder (``eval/<name>.jsonl`` and the config it ran with, ``eval/<name>.config.yaml``)."""
+    from rarl_fast.config_loader import dump_config
     from rarl_fast.evaluate import evaluate
     from rarl_fast.runtime import build_runtime
 
     rt = build_runtime(cfg, train=False, run_dir=run_dir)
+    if rt.acc.is_main_process:
+        (rt.run_dir / "eval").mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, rt.run_dir / "eval" / f"{name}.config.yaml")
     return evaluate(rt, name)

@@ -13,9 +13,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from rarl_fast.errors import UsageError
 from rarl_fast.rl.rmo import RMOBaseline, RMOMode, RMOSource, ThinkStyle
 
 __all__ = [
+    "RESUME_SAFE_KEYS",
     "CheckpointConfig",
     "Config",
     "ConfigError",
@@ -33,13 +35,17 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A config problem: ``key`` is the dotted path, the message says what is wrong and where."""
+class ConfigError(UsageError, ValueError):
+    """A config problem: ``key`` is the dotted path (empty for the file as a whole), the message says what is wrong
+    and where (the file or the command-line override)."""
 
     def __init__(self, key: str, problem: str, source: str | None = None):
         self.key, self.problem, self.source = key, problem, source
-        where = f" ({source})" if source else ""
-        super().__init__(f"config key '{key}'{where}: {problem}")
+        if key:
+            where = f" ({source})" if source else ""
+            super().__init__(f"config key '{key}'{where}: {problem}")
+        else:
+            super().__init__(f"{source or 'config'}: {problem}")
 
     def under(self, prefix: str) -> ConfigError:
         """The same error with ``prefix.`` put in front of its key."""
@@ -49,6 +55,29 @@ class ConfigError(ValueError):
 def _check(ok: bool, key: str, problem: str) -> None:
     if not ok:
         raise ConfigError(key, problem)
+
+
+SEED_MAX = 2**32 - 1
+"""Largest seed: numpy's legacy seeding, which SGLang applies to the run's seed, takes 32-bit seeds."""
+
+RESUME_SAFE_KEYS = (
+    "output_dir",
+    "run_name",
+    "cpu_threads",
+    "logging",
+    "checkpoint.save_every",
+    "checkpoint.keep_last",
+    "data.image_cache_mb",
+    "rollout.eval_batch_size",
+    "rollout.sglang_mem_fraction",
+    "optim.micro_batch_size",
+    "optim.micro_batch_tokens",
+    "model.gradient_checkpointing",
+)
+"""Keys (and sections) that ``train --resume`` may change without ``--allow-config-change``: where things are
+written, what is logged and evaluated when, checkpoint cadence, and memory/speed settings that leave the
+training math as it is (micro-batching splits the same step; gradient checkpointing recomputes the same
+activations). Any other difference from the checkpoint's config would make the resumed run a different run."""
 
 
 # Defaults per task (docs/method.md section 1), keyed by ``DataConfig.defaults_key()``: the synthetic benchmark's two
@@ -122,7 +151,7 @@ class LoraConfig:
     """Module names (of the language model) that receive adapters."""
 
     def __post_init__(self) -> None:
-        _check(self.r >= 1, "r", f"must be >= 1, got {self.r}")
+        _check(1 <= self.r <= 1 << 16, "r", f"must be in 1..65536, got {self.r}")
         _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
 
 
@@ -158,7 +187,8 @@ class ModelConfig:
         _check(bool(self.name_or_path), "name_or_path", "must not be empty")
         _check(self.min_pixels >= 28 * 28, "min_pixels", f"must be >= {28 * 28} (one 28x28 merged patch)")
         _check(self.max_pixels >= self.min_pixels, "max_pixels", f"must be >= min_pixels ({self.min_pixels})")
-        _check(self.tiny_layers >= 1, "tiny_layers", "must be >= 1")
+        _check(self.max_pixels <= 1 << 28, "max_pixels", f"must be <= {1 << 28}, got {self.max_pixels}")
+        _check(1 <= self.tiny_layers <= 64, "tiny_layers", "must be in 1..64")
 
 
 @dataclass(kw_only=True)
@@ -209,6 +239,10 @@ class DataConfig:
     check_images: Literal["decode", "header", "off"] = "decode"
     """Load-time image check: ``decode`` decodes every image (JPEGs at 1/8 scale, which still reads the whole file,
     so truncated files are caught), ``header`` only opens it, ``off`` only checks that the file exists."""
+    max_image_pixels: int = 1 << 26
+    """Images with more pixels than this (width x height, read from the file's header) are skipped and counted as
+    ``oversized_image`` instead of decoded: at load time and at training time, whatever ``check_images`` says.
+    The default, 8192 x 8192, is far above the few hundred thousand pixels the processor keeps of an image."""
     image_cache_mb: int = 1024
     """Size of the decoded, resized image cache (LRU); an epoch decodes each image once if its images fit."""
     seed: int = 0
@@ -219,13 +253,19 @@ class DataConfig:
             _check(1 <= n <= 8, "group_sizes", f"each N must be in 1..8, got {n}")
         _check(len(set(self.group_sizes)) == len(self.group_sizes), "group_sizes", "has repeats")
         _check(self.tolerance is None or self.tolerance > 0, "tolerance", f"must be > 0, got {self.tolerance}")
-        _check(self.num_test_groups >= 0, "num_test_groups", "must be >= 0")
+        _check(0 <= self.num_test_groups <= 1_000_000, "num_test_groups", "must be in 0..1000000")
         _check(self.max_samples is None or self.max_samples >= 1, "max_samples", "must be >= 1 or null")
-        _check(self.synthetic_train_size >= 1, "synthetic_train_size", "must be >= 1")
-        _check(self.synthetic_test_size >= 1, "synthetic_test_size", "must be >= 1")
+        _check(1 <= self.synthetic_train_size <= 10_000_000, "synthetic_train_size", "must be in 1..10000000")
+        _check(1 <= self.synthetic_test_size <= 10_000_000, "synthetic_test_size", "must be in 1..10000000")
         _check(0 < self.test_fraction < 1, "test_fraction", f"must be in (0, 1), got {self.test_fraction}")
-        _check(self.train_groups_per_n is None or self.train_groups_per_n >= 1, "train_groups_per_n", "must be >= 1")
-        _check(self.image_cache_mb >= 0, "image_cache_mb", "must be >= 0")
+        _check(
+            self.train_groups_per_n is None or 1 <= self.train_groups_per_n <= 10_000_000,
+            "train_groups_per_n",
+            "must be in 1..10000000 or null",
+        )
+        _check(0 <= self.image_cache_mb <= 1 << 30, "image_cache_mb", f"must be in 0..{1 << 30}")
+        _check(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
+        _check(0 <= self.seed <= SEED_MAX, "seed", f"must be in 0..{SEED_MAX}, got {self.seed}")
         if self.task == "jsonl":
             for key in ("root", "rule", "value_range", "tolerance"):
                 _check(getattr(self, key) is not None, key, "is required when task is 'jsonl'")
@@ -274,20 +314,21 @@ class RolloutConfig:
     top_k: int = 0
     """Top-k sampling; 0 disables."""
     max_new_tokens: int = 512
-    """Completion length limit (also ``max_completion_length`` of the dr_grpo aggregation)."""
+    """Completion length limit (also ``max_completion_length`` of the dr_grpo aggregation); must leave room for the
+    prompt in the model's context (checked when the model is loaded)."""
     eval_batch_size: int = 32
     """Prompts per greedy ``generate`` call in evaluation (per process)."""
     sglang_mem_fraction: float = 0.5
     """SGLang's static memory fraction when colocated with training."""
 
     def __post_init__(self) -> None:
-        _check(self.num_generations >= 1, "num_generations", f"must be >= 1, got {self.num_generations}")
-        _check(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+        _check(1 <= self.num_generations <= 1024, "num_generations", f"must be in 1..1024, got {self.num_generations}")
+        _check(1 <= self.prompts_per_step <= 1 << 20, "prompts_per_step", f"must be in 1..{1 << 20}")
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        _check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
-        _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        _check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        _check(0 <= self.top_k <= 2**31 - 1, "top_k", f"must be in 0..{2**31 - 1} (int32), got {self.top_k}")
+        _check(1 <= self.max_new_tokens <= 1 << 20, "max_new_tokens", f"must be in 1..{1 << 20}")
+        _check(1 <= self.eval_batch_size <= 1 << 20, "eval_batch_size", f"must be in 1..{1 << 20}")
         _check(0 < self.sglang_mem_fraction < 1, "sglang_mem_fraction", "must be in (0, 1)")
 
 
@@ -389,7 +430,11 @@ class OptimConfig:
     update_epochs: int = 1
     """mu: policy-update epochs per rollout batch (with 1, logp_old = logp.detach())."""
     max_nonfinite_steps: int = 3
-    """K: this many non-finite losses or gradients in a row stop the run."""
+    """K: this many non-finite losses or gradients in a row stop the run (counted over the whole run: the count
+    goes on across the stage change)."""
+    max_skipped_fraction: float = 0.5
+    """A run that skipped more than this share of its optimizer steps (non-finite loss or gradient) ends with an
+    error after its last step, as does a run that took no step at all: its weights are not the trained ones."""
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     """Autocast of forward passes: auto is bf16 on CUDA, none on CPU. Weights and AdamW state stay fp32."""
     ddp_find_unused_parameters: bool = True
@@ -403,10 +448,15 @@ class OptimConfig:
         _check(self.adam_eps > 0, "adam_eps", "must be > 0")
         _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        _check(1 <= self.micro_batch_size <= 1 << 20, "micro_batch_size", f"must be in 1..{1 << 20}")
         _check(self.micro_batch_tokens is None or self.micro_batch_tokens >= 1, "micro_batch_tokens", "must be >= 1")
-        _check(self.update_epochs >= 1, "update_epochs", "must be >= 1")
+        _check(1 <= self.update_epochs <= 1000, "update_epochs", "must be in 1..1000")
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+        _check(
+            0 <= self.max_skipped_fraction <= 1,
+            "max_skipped_fraction",
+            f"must be in [0, 1], got {self.max_skipped_fraction}",
+        )
 
 
 @dataclass(kw_only=True)
@@ -429,8 +479,9 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
-        _check(self.prompts_per_step is None or self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
-        _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        for key in ("prompts_per_step", "micro_batch_size"):
+            value = getattr(self, key)
+            _check(value is None or 1 <= value <= 1 << 20, key, f"must be in 1..{1 << 20} or null")
         _check(self.micro_batch_tokens is None or self.micro_batch_tokens >= 1, "micro_batch_tokens", "must be >= 1")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(bool(self.group_mix) and all(w >= 0 for w in self.group_mix.values()), "group_mix", "needs weights >= 0")
@@ -549,7 +600,8 @@ class Config:
     """Checkpointing and resume."""
 
     def __post_init__(self) -> None:
-        _check(self.cpu_threads >= 0, "cpu_threads", f"must be >= 0, got {self.cpu_threads}")
+        _check(0 <= self.cpu_threads <= 1024, "cpu_threads", f"must be in 0..1024, got {self.cpu_threads}")
+        _check(0 <= self.seed <= SEED_MAX, "seed", f"must be in 0..{SEED_MAX}, got {self.seed}")
         for n in self.sft.group_mix:
             _check(
                 n in self.data.group_sizes, "sft.group_mix", f"N={n} is not in data.group_sizes {self.data.group_sizes}"

@@ -13,6 +13,10 @@ process per ``cpu_threads`` cores (:func:`demo_processes`, :func:`launch_command
 evaluation) then splits its groups over the processes, the same global batch as one process. Run under a
 launcher of your own, or with ``--processes 1``, it runs as it is started; with a single process and two
 cores' worth of threads spare, the continued-SFT branch trains in a second process beside RARL instead.
+
+The root folder belongs to one demo (:func:`claim_demo_root`): run again into a root that holds an earlier demo's
+runs or results, the demo stops with an error naming it; ``--overwrite`` renames the old root to
+``<run_name>.replaced-<time>`` first (nothing is deleted), or a new ``run_name`` starts a demo beside it.
 """
 
 from __future__ import annotations
@@ -33,7 +37,19 @@ from rarl_fast.config_loader import dump_config
 if TYPE_CHECKING:
     from rarl_fast.ablation import Variant
 
-__all__ = ["DEMO_ABLATIONS", "demo_processes", "launch_command", "launched", "reward_rise", "run_demo"]
+__all__ = [
+    "DEMO_ABLATIONS",
+    "claim_demo_root",
+    "demo_processes",
+    "launch_command",
+    "launched",
+    "paired_tau_gap",
+    "reward_rise",
+    "run_demo",
+]
+
+BRANCHES = ("sft_warm", "sft_continued", "rarl")
+"""The demo's training runs, each in its own folder under the root."""
 
 DEMO_ABLATIONS = ("rarl", "stage1_only", "no_rmo", "reg_only")
 """``rarl-fast demo --ablations``: the variants (configs/ablations/) branched from the warm start: the full method,
@@ -151,6 +167,25 @@ def _continued_sft(cfg: Config, warm: Path, steps: int, root: Path) -> tuple[Pat
     return more, res, times
 
 
+def claim_demo_root(cfg: Config, *, overwrite: bool = False) -> None:
+    """Take ``<output_dir>/<run_name>`` for a new demo: an earlier demo's training runs or results there stop it with
+    :class:`~rarl_fast.run_folder.RunFolderError`, unless ``overwrite``, which renames the old root (main process)."""
+    from rarl_fast.run_folder import RunFolderError, move_aside, run_contents
+
+    root = Path(cfg.output_dir) / cfg.run_name
+    held = [f"{name}/" for name in BRANCHES if run_contents(root / name)]
+    held += [name for name in ("demo_summary.json", "results.md") if (root / name).is_file()]
+    if not held:
+        return
+    if not overwrite:
+        raise RunFolderError(
+            f"demo folder {root} holds an earlier demo ({', '.join(held)}): set another run_name (run_name=...), "
+            f"or pass --overwrite to move it aside to {root.name}.replaced-<time>"
+        )
+    if _main_process():
+        print(f"[demo] moved the earlier demo in {root} to {move_aside(root)}", flush=True)
+
+
 def _spare_cores(cfg: Config) -> bool:
     """True in a single-process run on a CPU-only machine with cores for two branches of ``cpu_threads`` each."""
     import torch
@@ -160,8 +195,9 @@ def _spare_cores(cfg: Config) -> bool:
     return not torch.cuda.is_available() and bool(cfg.cpu_threads) and _cores() >= 2 * cfg.cpu_threads
 
 
-def run_demo(cfg: Config, *, ablations: Sequence[Variant] = ()) -> dict[str, Any]:
-    """Run the demo; returns the summary (also written as JSON; ``{}`` on the other ranks of a launch).
+def run_demo(cfg: Config, *, ablations: Sequence[Variant] = (), overwrite: bool = False) -> dict[str, Any]:
+    """Run the demo; returns the summary (also written as JSON; ``{}`` on the other ranks of a launch). The root
+    folder must be free of an earlier demo, or ``overwrite`` moves that aside (:func:`claim_demo_root`).
 
     Under ``accelerate launch`` every rank calls this and each step runs data-parallel. In a single process on
     a CPU machine with the cores for it, the continued-SFT baseline trains in a second process while RARL
@@ -181,6 +217,7 @@ def run_demo(cfg: Config, *, ablations: Sequence[Variant] = ()) -> dict[str, Any
         raise ValueError("the demo's ablations must include the full method, variant 'rarl'")
 
     root = Path(cfg.output_dir) / cfg.run_name
+    claim_demo_root(cfg, overwrite=overwrite)
     main = _main_process()
     if main:
         root.mkdir(parents=True, exist_ok=True)
@@ -237,7 +274,7 @@ def run_demo(cfg: Config, *, ablations: Sequence[Variant] = ()) -> dict[str, Any
     rise = reward_rise(read_metrics(root / "rarl"))
     gap = paired_tau_gap(_eval_rows(root / "rarl", "rarl"), _eval_rows(root / "sft_continued", "sft_continued"))
     table = write_table(results, root, cfg.data.group_sizes)
-    runs = ["sft_warm", "sft_continued", "rarl"] + [
+    runs = [*BRANCHES] + [
         n
         for n in ("shared_stage1", *(v.name for v in ablations))
         if n != "rarl" and (root / n / "metrics.jsonl").is_file()

@@ -1,12 +1,14 @@
 """``rarl-fast eval``: greedy answers on the fixed test groups for each N, the paper-shaped table, every response.
 
 Ranks split the test groups round robin and the answers are gathered back in order, so the table is the same
-for any number of processes.
+for any number of processes. A test group with an image that cannot be loaded is left out of the metrics and the
+responses, with a warning that counts them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,33 +20,42 @@ from rarl_fast.rollout.lifecycle import awake
 
 __all__ = ["evaluate", "generate_answers", "held_out_eval", "periodic_eval", "task_name", "write_table"]
 
+log = logging.getLogger(__name__)
+
 
 def task_name(cfg: Any) -> str:
     """The task's column title in the results table (``synthetic:<task>`` for the synthetic benchmark)."""
     return f"synthetic:{cfg.data.synthetic_task}" if cfg.data.task == "synthetic" else cfg.data.task
 
 
-def generate_answers(rt: Any, groups: list[Any], *, batch_size: int) -> list[str]:
-    """Greedy completion text for each group (all ranks call this; every rank gets the full list)."""
+def generate_answers(rt: Any, groups: list[Any], *, batch_size: int) -> list[str | None]:
+    """Greedy completion text for each group, None for a group with an image that cannot be loaded (all ranks call
+    this; every rank gets the full list)."""
     from accelerate.utils import gather_object
 
-    from rarl_fast.data import collate
+    from rarl_fast.data import collate, readable
 
     mine = rt.my_share(groups)
-    texts: list[str] = []
+    texts: list[str | None] = []
     params = rt.generation_params(seed=None, greedy=True)
     with awake(rt.engine, version=None, weights=rt.hf_model.named_parameters):
         for i in range(0, len(mine), batch_size):
-            batch = collate(rt.processor, mine[i : i + batch_size], rt.cache).to(rt.device)
-            with torch.no_grad(), rt.acc.autocast():
-                ro = rt.engine.generate(batch, 1, params)
-            texts.extend(completion_texts(ro, rt.tokenizer))
+            chunk = mine[i : i + batch_size]
+            usable = [readable(g, rt.cache) for g in chunk]
+            answers: list[str] = []
+            if any(usable):
+                batch = collate(rt.processor, [g for g, ok in zip(chunk, usable) if ok], rt.cache).to(rt.device)
+                with torch.no_grad(), rt.acc.autocast():
+                    ro = rt.engine.generate(batch, 1, params)
+                answers = completion_texts(ro, rt.tokenizer)
+            given = iter(answers)
+            texts.extend(next(given) if ok else None for ok in usable)
     world = rt.acc.num_processes
     if world == 1:
         return texts
     gathered = gather_object([(rt.acc.process_index, texts)])
     by_rank = dict(gathered)
-    out: list[str] = [""] * len(groups)
+    out: list[str | None] = [""] * len(groups)
     for r, part in by_rank.items():
         out[r::world] = part
     return out
@@ -56,10 +67,10 @@ def evaluate(rt: Any, name: str, *, out_dir: str | Path | None = None) -> dict[i
     cells: dict[int, Any] = {}
     records = []
     for n, groups in sorted(rt.test_groups.items()):
-        if not groups:
-            continue
-        cells[n], answers = _cell(rt, groups)
-        records += _records(name, n, groups, answers)
+        cell, groups, answers = _cell(rt, groups, n)
+        if cell is not None:
+            cells[n] = cell
+            records += _records(name, n, groups, answers)
     _write_records(rt, out_dir / f"{name}.jsonl", records)
     return cells
 
@@ -80,16 +91,23 @@ def _write_records(rt: Any, path: Path, records: list[dict[str, Any]]) -> None:
         tmp.replace(path)
 
 
-def _cell(rt: Any, groups: list[Any]) -> tuple[Any, list[str]]:
-    """The metric cell of the greedy answers to ``groups`` (all of one N) and the answers themselves."""
+def _cell(rt: Any, groups: list[Any], n: int) -> tuple[Any, list[Any], list[str]]:
+    """The metric cell of the greedy answers to ``groups`` (all of ``n`` images), the groups answered and their
+    answers; groups with an unreadable image are left out (the cell is None when none is left)."""
     from rarl_fast.metrics import evaluate_answers
 
     task = rt.task
-    answers = generate_answers(rt, groups, batch_size=rt.cfg.rollout.eval_batch_size)
+    answers = generate_answers(rt, groups, batch_size=rt.cfg.rollout.eval_batch_size) if groups else []
+    kept = [(g, a) for g, a in zip(groups, answers) if a is not None]
+    if len(kept) < len(groups):
+        log.warning("N=%d: %d of %d test groups left out: unreadable images", n, len(groups) - len(kept), len(groups))
+    if not kept:
+        return None, [], []
+    groups, answers = [g for g, _ in kept], [a for _, a in kept]
     cell = evaluate_answers(
         answers, [g.values for g in groups], metric=task.metric, value_min=task.value_min, value_max=task.value_max
     )
-    return cell, answers
+    return cell, groups, answers
 
 
 def periodic_eval(rt: Any, groups_per_n: int, responses: str | Path | None = None) -> dict[str, float]:
@@ -100,10 +118,9 @@ def periodic_eval(rt: Any, groups_per_n: int, responses: str | Path | None = Non
     out: dict[str, float] = {}
     records = []
     for n, groups in sorted(rt.test_groups.items()):
-        groups = groups[:groups_per_n] if groups_per_n else groups
-        if not groups:
+        cell, groups, answers = _cell(rt, groups[:groups_per_n] if groups_per_n else groups, n)
+        if cell is None:
             continue
-        cell, answers = _cell(rt, groups)
         out[f"eval/n{n}/{cell.name}"] = cell.value
         out[f"eval/n{n}/fail"] = cell.failure_rate
         records += _records(Path(responses).stem if responses else "periodic", n, groups, answers)

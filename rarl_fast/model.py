@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rarl_fast.errors import UsageError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, ProcessorMixin
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "TINY_SPECIAL_TOKENS",
+    "ModelLoadError",
     "apply_lora",
     "choose_attn_implementation",
     "choose_dtype",
@@ -66,6 +69,14 @@ TINY_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+class ModelLoadError(UsageError, ValueError):
+    """A model or processor cannot be loaded from the given folder or Hub id; the message names it and says why."""
+
+
+def _cannot_load(what: str, name_or_path: str | Path, err: Exception) -> ModelLoadError:
+    return ModelLoadError(f"cannot load the {what} from {name_or_path}: {type(err).__name__}: {err}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,8 +182,11 @@ def load_processor(
             raise TypeError(f"{type(processor).__name__} has no image processor")
     except (ImportError, OSError, TypeError, ValueError, AttributeError) as err:
         log.info("AutoProcessor failed for %s (%s); using the image-only Qwen2.5-VL processor", name_or_path, err)
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kw)
-        image_processor = AutoImageProcessor.from_pretrained(str(name_or_path), **kw)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kw)
+            image_processor = AutoImageProcessor.from_pretrained(str(name_or_path), **kw)
+        except Exception as again:  # transformers and the Hub client raise many types
+            raise _cannot_load("processor", name_or_path, again) from again
         processor = _image_only_processor_class()(
             image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
         )
@@ -195,8 +209,16 @@ def load_processor(
 
 def resolve_model_path(name_or_path: str, tiny_dir: str | Path = "runs/tiny_vlm", tiny_layers: int = 2) -> str:
     """``tiny`` -> the embedded tiny VLM folder with ``tiny_layers`` decoder layers (built on first use); anything
-    else unchanged. A folder already holding a tiny VLM of another depth raises instead of being reused."""
+    else unchanged. A folder already holding a tiny VLM of another depth raises instead of being reused, and a
+    path that can only be a local folder (it starts with ``/``, ``.`` or ``~``, or has more than one ``/``, unlike
+    a Hub id ``org/name``) must be a folder holding a model (``config.json``)."""
     if name_or_path != "tiny":
+        folder = Path(name_or_path).expanduser()
+        local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+        if local and not folder.is_dir():
+            raise ModelLoadError(f"no model folder at {name_or_path} (model.name_or_path or --model)")
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{name_or_path} holds no model (no config.json): is it a save_pretrained folder?")
         return name_or_path
     tiny_dir = Path(tiny_dir)
     config = tiny_dir / "config.json"
@@ -205,7 +227,7 @@ def resolve_model_path(name_or_path: str, tiny_dir: str | Path = "runs/tiny_vlm"
     else:
         found = json.loads(config.read_text()).get("text_config", {}).get("num_hidden_layers")
         if found != tiny_layers:
-            raise ValueError(
+            raise ModelLoadError(
                 f"{tiny_dir} holds a tiny VLM with {found} decoder layers, the config asks for {tiny_layers} "
                 "(model.tiny_layers): point model.tiny_dir at another folder or delete this one"
             )
@@ -230,12 +252,16 @@ def load_model(
     device = torch.device(device)
     if use_liger:
         _apply_liger(device)
-    model = AutoModelForImageTextToText.from_pretrained(
-        str(name_or_path),
-        dtype=choose_dtype(dtype, device),
-        attn_implementation=choose_attn_implementation(attn_implementation, device),
-        local_files_only=local_files_only,
-    ).to(device)
+    kw = {
+        "dtype": choose_dtype(dtype, device),
+        "attn_implementation": choose_attn_implementation(attn_implementation, device),
+        "local_files_only": local_files_only,
+    }
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), **kw)
+    except Exception as err:  # an empty or cut-off folder, a bad Hub id: many exception types
+        raise _cannot_load("model", name_or_path, err) from err
+    model = model.to(device)
     if not trainable:
         model.eval().requires_grad_(False)
         return model
@@ -399,7 +425,7 @@ def make_tiny_vlm(
     )
     text.update(text_overrides or {})
     half = text["hidden_size"] // text["num_attention_heads"] // 2  # mrope_section sums to head_dim / 2
-    t_part = half // 4  # (t, h, w) = (1/4, 3/8, 3/8) of it, as Qwen2.5-VL's (16, 24, 24)
+    t_part = half // 4  # t, h, w) = (1/4, 3/8, 3/8) of it, as Qwen2.5-VL's (16, 24, 24
     mrope = [t_part, (half - t_part) // 2, half - t_part - (half - t_part) // 2]
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope}
     vision = dict(

@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rarl_fast.accelerator import make_accelerator
-from rarl_fast.config import Config
+from rarl_fast.config import Config, ConfigError
 from rarl_fast.config_loader import dump_config
 from rarl_fast.data_parallel import balanced_shares, round_robin_share
+from rarl_fast.errors import UsageError
 from rarl_fast.policy import LossSettings, PolicyModule
 from rarl_fast.rollout.base import GenerationParams, RolloutEngine, Rollouts, plan_micro_batches, split_to_count
+from rarl_fast.run_folder import Claim, claim_run_folder
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -110,8 +112,14 @@ class Runtime:
                 return self.policy(rollouts, mode="logprobs", temperature=self.cfg.rollout.temperature)
 
 
-def build_runtime(cfg: Config, *, train: bool = True, run_dir: Path | None = None) -> Runtime:
-    """Accelerator, processor, policy (+ reference), engine, task data and groups, from ``cfg``."""
+def build_runtime(
+    cfg: Config, *, train: bool = True, run_dir: Path | None = None, claim: Claim | None = None, resumable: bool = True
+) -> Runtime:
+    """Accelerator, processor, policy (+ reference), engine, task data and groups, from ``cfg``.
+
+    ``claim`` says how the run folder is taken (:func:`~rarl_fast.run_folder.claim_run_folder`: a new run, a new
+    run after moving an old one aside, or a resumed one); None uses it as it is. ``resumable`` says whether the
+    command can ``--resume`` (the error for a folder in use then offers it)."""
     from rarl_fast.data import ImageCache, build_test_groups, build_train_groups, load_task
     from rarl_fast.model import apply_lora, load_policy, load_processor, load_reference, resolve_model_path
     from rarl_fast.rollout import make_engine
@@ -121,24 +129,21 @@ def build_runtime(cfg: Config, *, train: bool = True, run_dir: Path | None = Non
     if cfg.cpu_threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.cpu_threads)
     acc = make_accelerator(cfg, run_dir, trackers=available_trackers(cfg.logging.trackers) if train else None)
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if train or not (run_dir / "config.yaml").is_file():  # evaluating a trained model keeps its run's config
-            dump_config(cfg, run_dir / "config.yaml")
-    acc.wait_for_everyone()
     for key, per_step in (("rollout", cfg.rollout.prompts_per_step), ("sft", cfg.sft.prompts_per_step)):
         if train and per_step and per_step % acc.num_processes:
-            raise ValueError(
-                f"{key}.prompts_per_step={per_step} must be a multiple of the number of processes "
-                f"({acc.num_processes}): groups are the unit of data parallelism"
+            raise ConfigError(
+                f"{key}.prompts_per_step",
+                f"{per_step} must be a multiple of the number of processes ({acc.num_processes}): groups are the "
+                "unit of data parallelism",
             )
     ds = getattr(acc.state, "deepspeed_plugin", None)
     if ds is not None and getattr(ds, "zero_stage", 0) == 3:
-        raise NotImplementedError(
+        raise UsageError(
             "DeepSpeed ZeRO-3 is not supported yet: the fused lm_head + GRPO loss reads the full lm_head weight, "
             "which ZeRO-3 partitions outside the lm_head's own forward; use configs/accelerate/fsdp2.yaml or "
             "deepspeed_zero2.yaml"
         )
+    claim_run_folder(acc, run_dir, claim, dump_config(cfg), resumable=resumable)
     torch.manual_seed(cfg.seed)
     m = cfg.model
     with acc.main_process_first():  # the tiny model is built once, by the main process
@@ -147,6 +152,12 @@ def build_runtime(cfg: Config, *, train: bool = True, run_dir: Path | None = Non
         path, min_pixels=m.min_pixels, max_pixels=m.max_pixels, local_files_only=m.local_files_only
     )
     model = load_policy(m, acc.device, train=train)
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if context is not None and cfg.rollout.max_new_tokens >= context:
+        raise ConfigError(
+            "rollout.max_new_tokens", f"{cfg.rollout.max_new_tokens} leaves no room for the prompt in the model's "
+            f"context of {context} positions"
+        )  # fmt: skip
     peft_model = None
     if m.lora.enabled:
         peft_model = apply_lora(m.lora, model)
@@ -160,7 +171,9 @@ def build_runtime(cfg: Config, *, train: bool = True, run_dir: Path | None = Non
     sizes = list(cfg.data.group_sizes)
     train_groups = build_train_groups(task, sizes, seed=cfg.data.seed, groups_per_n=cfg.data.train_groups_per_n)
     test_groups = build_test_groups(task, sizes, seed=cfg.data.seed, num_groups=cfg.data.num_test_groups)
-    cache = ImageCache.for_processor(processor, max_mb=cfg.data.image_cache_mb)
+    cache = ImageCache.for_processor(
+        processor, max_mb=cfg.data.image_cache_mb, max_image_pixels=cfg.data.max_image_pixels
+    )
     engine = make_engine(
         cfg.rollout.backend,
         model=acc.unwrap_model(policy).model,

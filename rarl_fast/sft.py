@@ -2,7 +2,8 @@
 start). The target of a group is RMO's ``gt`` reference (``<think>Reference answer.</think> <answer>[...]</answer>``
 + EOS, or with ``rmo.think: readings`` each image's value as the reasoning); the loss is the token-mean negative
 log-likelihood through the fused linear log-prob kernel, normalized by the step's global token count like the GRPO
-loss.
+loss. Non-finite steps are skipped and counted over the run (:class:`~rarl_fast.update.NonFiniteCounter`); groups
+with an image that cannot be loaded are replaced by readable ones of the same N.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ def sft_step(rt: Runtime, groups: list[Group], lr: float, nonfinite: NonFiniteCo
 
 
 def train_sft(rt: Runtime, *, steps: int, lr: float, mix: dict[int, float], seed_tag: str = "sft") -> None:
-    """``steps`` SFT steps of ``sft.prompts_per_step`` groups drawn with the N ``mix``; logs to metrics.jsonl."""
-    from rarl_fast.data import GroupSampler
+    """``steps`` SFT steps of ``sft.prompts_per_step`` groups drawn with the N ``mix``; logs to metrics.jsonl.
+    Raises :class:`~rarl_fast.update.NonFiniteError` when no step (or too small a share) was taken."""
+    from rarl_fast.data import GroupSampler, readable_groups
 
     c = rt.cfg
     if rt.optimizer is None:
@@ -96,7 +98,7 @@ def train_sft(rt: Runtime, *, steps: int, lr: float, mix: dict[int, float], seed
         batch_size=c.sft.prompts_per_step or c.rollout.prompts_per_step,
         seed=stable_seed(c.seed, seed_tag) % (1 << 62),
     )
-    nonfinite = NonFiniteCounter(limit=c.optim.max_nonfinite_steps)
+    nonfinite = NonFiniteCounter(limit=c.optim.max_nonfinite_steps, max_fraction=c.optim.max_skipped_fraction)
     start_trackers(rt.acc, "sft")
     logger = MetricsLogger(rt.run_dir, rt.acc, total_steps=steps, progress_bar=c.logging.progress_bar)
     held_out = held_out_eval(rt, logger)
@@ -104,11 +106,14 @@ def train_sft(rt: Runtime, *, steps: int, lr: float, mix: dict[int, float], seed
         if held_out is not None:
             held_out(0, "sft")
         for step in range(steps):
-            groups = rt.my_groups(sampler.next_batch())
+            seed = stable_seed(c.seed, seed_tag, step)
+            groups, replaced = readable_groups(rt.my_groups(sampler.next_batch()), rt.train_groups, rt.cache, seed=seed)
             lr_now = lr_at(step, peak=lr, total=steps, warmup_ratio=c.optim.warmup_ratio)
             metrics = sft_step(rt, groups, lr_now, nonfinite, f"sft step {step}")
+            metrics["data/skipped_groups"] = rt.acc.reduce(torch.tensor(float(replaced), device=rt.device), "sum")
             logger.log(step + 1, {**metrics, "skipped_steps": nonfinite.total, "stage": STAGE_IDS["sft"]})
             if held_out is not None and (step + 1) % c.logging.eval_every == 0:
                 held_out(step + 1, "sft")
     finally:
         logger.close()
+    nonfinite.check_run()

@@ -8,6 +8,10 @@ weights and both use the same frozen reference (the initial model).
 Data parallelism: every rank draws the same global batch of groups and keeps its round-robin share; rewards,
 RMO and advantages are computed per group on the rank that owns it; the loss is normalized by the step's
 global token (or row) count, and metrics are reduced across ranks before logging.
+
+A run owns its folder (:mod:`rarl_fast.run_folder`); ``--resume`` continues from the newest usable checkpoint
+(:func:`~rarl_fast.checkpoint.resume_checkpoint`) with the checkpoint's config (:mod:`rarl_fast.resume`). Skipped
+optimizer steps are counted over the whole run, and a run that took none ends with an error, not a results table.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from rarl_fast.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rarl_fast.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from rarl_fast.config import Config, ConfigError, StageConfig
+from rarl_fast.config_loader import dump_config
+from rarl_fast.errors import RunInterrupted
 from rarl_fast.evaluate import held_out_eval
 from rarl_fast.policy import StepCounts
+from rarl_fast.resume import check_resume_config, record_resume
 from rarl_fast.rewards import RewardBreakdown, score
 from rarl_fast.rl.advantages import group_advantages
 from rarl_fast.rl.rmo import BestCache, RMOSettings, longest_gt_answer, mutate_responses, stagnant_groups
@@ -57,7 +64,7 @@ class StageState:
     alpha: float
     beta: float
     rmo: RMOSettings  # the stage's RMO settings (used when ``stage.rmo``)
-    nonfinite: NonFiniteCounter
+    nonfinite: NonFiniteCounter  # the run's: shared by both stages
     step: int = 0  # optimizer steps done in this stage
     best: BestCache = field(default_factory=BestCache)
 
@@ -244,9 +251,12 @@ def reduce_metrics(acc: Any, pairs: dict[str, tuple[Any, Any]]) -> dict[str, Ten
 
 
 def train_step(rt: Runtime, st: StageState) -> dict[str, Any]:
-    """One step: rollout -> score -> mutate -> advantages -> update; returns the local metric pairs."""
+    """One step: rollout -> score -> mutate -> advantages -> update; returns the local metric pairs. A group with
+    an image that cannot be loaded is replaced by a readable one of the same N (counted as ``data/skipped_groups``)."""
+    from rarl_fast.data import readable_groups
+
     step_seed = stable_seed(rt.cfg.seed, st.name, st.step)
-    groups = rt.my_groups(st.sampler.next_batch())
+    groups, replaced = readable_groups(rt.my_groups(st.sampler.next_batch()), rt.train_groups, rt.cache, seed=step_seed)
     t0 = time.perf_counter()
     ro = rollout(rt, groups, step_seed, version=(st.name, st.step))
     t1 = time.perf_counter()
@@ -270,6 +280,7 @@ def train_step(rt: Runtime, st: StageState) -> dict[str, Any]:
             "time/reward_s": (t2 - t1, 1),
             "time/update_s": (t3 - t2, 1),
             "tokens_per_s": (tokens / max(t3 - t0, 1e-9), _total(rt)),  # all ranks together
+            "data/skipped_groups": (float(replaced), _total(rt)),  # summed over ranks
         }
     )
     return pairs
@@ -284,6 +295,7 @@ def _trainer_state(rt: Runtime, st: StageState, global_step: int) -> dict[str, A
         "best": st.best.state_dict(),
         "nonfinite_total": st.nonfinite.total,
         "nonfinite_in_row": st.nonfinite.in_row,
+        "optimizer_steps": st.nonfinite.taken,
     }
 
 
@@ -297,7 +309,13 @@ def rmo_settings(cfg: Config, alpha: float, beta: float, eos: str) -> RMOSetting
     )  # fmt: skip
 
 
-def make_stage(rt: Runtime, name: str) -> StageState:
+def nonfinite_counter(cfg: Config) -> NonFiniteCounter:
+    """The run's counter of taken and skipped optimizer steps, with ``cfg.optim``'s limits."""
+    return NonFiniteCounter(limit=cfg.optim.max_nonfinite_steps, max_fraction=cfg.optim.max_skipped_fraction)
+
+
+def make_stage(rt: Runtime, name: str, nonfinite: NonFiniteCounter | None = None) -> StageState:
+    """Stage ``name`` at its start; ``nonfinite`` is the run's step counter (a new one when None)."""
     from rarl_fast.data import GroupSampler
 
     c = rt.cfg
@@ -316,7 +334,7 @@ def make_stage(rt: Runtime, name: str) -> StageState:
         alpha=alpha,
         beta=beta,
         rmo=rmo_settings(c, alpha, beta, rt.tokenizer.eos_token or ""),
-        nonfinite=NonFiniteCounter(limit=c.optim.max_nonfinite_steps),
+        nonfinite=nonfinite or nonfinite_counter(c),
     )
 
 
@@ -344,6 +362,7 @@ def run_stage(rt: Runtime, st: StageState, logger: MetricsLogger, global_step: i
                 trainer_state=_trainer_state(rt, st, global_step),
                 keep_last=c.checkpoint.keep_last,
                 save_optimizer=c.checkpoint.save_optimizer,
+                config_yaml=dump_config(c),
             )
     return global_step
 
@@ -368,22 +387,58 @@ def check_completion_budget(cfg: Config, tokenizer: Any, train_groups: dict[int,
         )
 
 
-def train(cfg: Config, *, resume: bool = False, run_dir: Any = None) -> Runtime:
-    """Stage 1 then stage 2 (each if enabled); resumes from the latest complete checkpoint when asked."""
-    rt = build_runtime(cfg, train=True, run_dir=run_dir)
+def train(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    run_dir: Any = None,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+) -> Runtime:
+    """Stage 1 then stage 2 (each if enabled) in a run folder of its own (``overwrite`` moves an earlier run aside).
+
+    ``resume`` continues from the newest usable checkpoint, refusing a config that differs from the checkpoint's
+    outside :data:`~rarl_fast.config.RESUME_SAFE_KEYS` unless ``allow_config_change``. Raises
+    :class:`~rarl_fast.update.NonFiniteError` when the run took no optimizer step (or skipped too many), and
+    :class:`~rarl_fast.errors.RunInterrupted`, saying where the run can resume, on Ctrl-C."""
+    from pathlib import Path
+
+    run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.run_name)
+    changes = check_resume_config(cfg, run_dir, allow=allow_config_change) if resume else None
+    claim = "resume" if resume else "overwrite" if overwrite else "new"
+    rt = build_runtime(cfg, train=True, run_dir=run_dir, claim=claim)
+    try:
+        return _train(rt, changes)
+    except KeyboardInterrupt as err:
+        newest = latest_checkpoint(rt.run_dir)
+        where = (
+            f"resume from {newest.name} with --resume (run folder {rt.run_dir})"
+            if newest
+            else f"no checkpoint was written yet (run folder {rt.run_dir})"
+        )
+        raise RunInterrupted(f"interrupted; {where}") from err
+
+
+def _train(rt: Runtime, changes: list[tuple[str, Any, Any]] | None) -> Runtime:
+    """The stages of ``train``; ``changes`` is None for a fresh run, else the config changes of a resumed one."""
+    cfg = rt.cfg
     check_completion_budget(cfg, rt.tokenizer, rt.train_groups)
     rt.optimizer = build_optimizer(rt, cfg.stage1.lr)
     total = sum(getattr(cfg, s).steps for s in STAGES if getattr(cfg, s).enabled)
     start_trackers(rt.acc, "rarl")
     logger = MetricsLogger(rt.run_dir, rt.acc, total_steps=total, progress_bar=cfg.logging.progress_bar)
     global_step, start_stage, restored = 0, 0, None
-    ckpt = latest_checkpoint(rt.run_dir) if resume else None
-    if ckpt is not None:
-        restored = load_checkpoint(rt.acc, ckpt)
+    nonfinite = nonfinite_counter(cfg)
+    if changes is not None:
+        ckpt, restored = resume_checkpoint(rt.acc, rt.run_dir)
         global_step = int(restored["global_step"])
         start_stage = STAGES.index(restored["stage"])
-        log.info("resumed from %s (global step %d, %s)", ckpt, global_step, restored["stage"])
+        nonfinite.total = int(restored.get("nonfinite_total", 0))
+        nonfinite.in_row = int(restored.get("nonfinite_in_row", 0))
+        optimizer_steps = global_step * cfg.optim.update_epochs - nonfinite.total  # checkpoints without the count
+        nonfinite.taken = int(restored.get("optimizer_steps", optimizer_steps))
         if rt.acc.is_main_process:  # steps logged after the checkpoint are run again: drop their old lines
+            record_resume(cfg, rt.run_dir, ckpt, restored, total, changes)
             truncate_metrics(rt.run_dir, global_step)
         if logger.bar is not None:
             logger.bar.update(global_step)
@@ -394,16 +449,15 @@ def train(cfg: Config, *, resume: bool = False, run_dir: Any = None) -> Runtime:
                 continue
             if held_out is not None and global_step == 0:
                 held_out(0, name)  # the starting point of the curves
-            st = make_stage(rt, name)
+            st = make_stage(rt, name, nonfinite)
             if restored is not None and i == start_stage:
                 st.step = int(restored["stage_step"])
                 st.sampler.load_state_dict(restored["sampler"])
                 st.best.load_state_dict(restored["best"])
-                st.nonfinite.total = int(restored["nonfinite_total"])
-                st.nonfinite.in_row = int(restored["nonfinite_in_row"])
             else:
                 reset_optimizer(rt.optimizer)
             global_step = run_stage(rt, st, logger, global_step, held_out)
     finally:
         logger.close()
+    nonfinite.check_run()
     return rt

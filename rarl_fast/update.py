@@ -2,8 +2,9 @@
 
 :func:`optimizer_step` runs forward + backward of each micro-batch under autocast (gradients are synchronized
 across ranks only on the last one), clips the gradient norm, and steps, unless the loss or the gradient is
-non-finite on some rank: then every rank skips the step alike. :class:`NonFiniteCounter` counts those skips and
-stops a run that keeps producing them. The loss of each micro-batch is scaled by the caller so that the summed
+non-finite on some rank: then every rank skips the step alike. :class:`NonFiniteCounter` counts the steps taken and
+skipped over a whole run (both RL stages, or SFT), stops a run that keeps skipping, and fails one that took no
+step or skipped too large a share of them. The loss of each micro-batch is scaled by the caller so that the summed
 gradients are the gradient of the whole step's loss.
 """
 
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor
 
+from rarl_fast.errors import RunError
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
@@ -30,22 +33,27 @@ __all__ = ["NonFiniteCounter", "NonFiniteError", "StepResult", "build_optimizer"
 Part = TypeVar("Part")
 
 
-class NonFiniteError(RuntimeError):
-    """Too many non-finite losses or gradients in a row."""
+class NonFiniteError(RunError):
+    """Too many non-finite losses or gradients: in a row, or over the run (none or too few steps were taken)."""
 
 
 @dataclass
 class NonFiniteCounter:
-    """Skipped (non-finite) optimizer steps: in a row and in total; ``limit`` in a row stop the run."""
+    """Optimizer steps of one run: taken, and skipped (non-finite) in a row and in total. ``limit`` skipped in a
+    row stop the run at once; :meth:`check_run` fails a run that took no step, or skipped more than
+    ``max_fraction`` of its steps."""
 
     limit: int
+    max_fraction: float = 1.0
     in_row: int = 0
-    total: int = 0
+    total: int = 0  # skipped
+    taken: int = 0
 
     def record(self, finite: bool, where: str) -> None:
         """Count one optimizer step; raises :class:`NonFiniteError` at ``limit`` non-finite steps in a row."""
         if finite:
             self.in_row = 0
+            self.taken += 1
             return
         self.in_row += 1
         self.total += 1
@@ -54,6 +62,21 @@ class NonFiniteCounter:
             raise NonFiniteError(
                 f"{self.in_row} non-finite losses/gradients in a row at {where} "
                 f"(optim.max_nonfinite_steps={self.limit}): lower the lr or check the data"
+            )
+
+    def check_run(self) -> None:
+        """Raise :class:`NonFiniteError` when the run took no optimizer step, or skipped more than ``max_fraction``
+        of them (``optim.max_skipped_fraction``): its weights are not trained weights."""
+        steps = self.taken + self.total
+        if steps and not self.taken:
+            raise NonFiniteError(
+                f"no optimizer step was taken: all {steps} had a non-finite loss or gradient, so the weights are the "
+                "initial ones; lower the lr, check rollout.temperature and the data"
+            )
+        if steps and self.total / steps > self.max_fraction:
+            raise NonFiniteError(
+                f"{self.total} of {steps} optimizer steps were skipped (non-finite loss or gradient), more than "
+                f"optim.max_skipped_fraction={self.max_fraction:g}; lower the lr or check the data"
             )
 
 

@@ -260,3 +260,97 @@ def test_value_bounds_resolve_or_raise(tmp_path: Path):
         ("data.synthetic_task=dots", "data.synthetic_task"),
     ):
         assert _error(tmp_path, "", (override,)).key == key
+
+
+def _alias_bomb(levels: int, under: str = "data:\n  root: ") -> str:
+    """Nested YAML aliases: ``levels`` lists of 9 aliases of the one before, 9**levels strings when expanded."""
+    parts = ['&l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    parts += [f"&l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return under + "[" + ", ".join(parts) + "]\n"
+
+
+@pytest.mark.timeout(20)  # expanding even once would never end: 9**30 strings
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path: Path, capsys):
+    from rarl_fast.cli import main
+
+    err = _error(tmp_path, _alias_bomb(30))
+    assert "aliases expand to more than 10000 extra nodes" in str(err) and len(str(err)) < 200
+    small = _write(tmp_path, _alias_bomb(9))  # the size of a few hundred bytes that took 47 s and a MemoryError
+    assert len(small.read_bytes()) < 500
+    assert main(["config", "-c", str(small)]) == 2
+    err_text = capsys.readouterr().err
+    assert err_text.count("\n") == 1 and err_text.startswith(f"rarl-fast: error: {small}: refused: its aliases")
+    with pytest.raises(ConfigError, match="refused: its aliases"):
+        load_config(None, ["data.root=" + _alias_bomb(30, under="")])
+    assert "recursive" in str(_error(tmp_path, "data:\n  root: &a [1, *a]\n"))
+    cfg = load_config(_write(tmp_path, "stage1: &same {lr: 0.001}\nstage2: *same\n"))  # aliases of normal use
+    assert cfg.stage1.lr == cfg.stage2.lr == 0.001
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("seed=100000000000000000000000000000000000000", "seed"),
+        ("seed=4294967296", "seed"),
+        ("data.seed=-1", "data.seed"),
+        ("cpu_threads=100000000000000000000", "cpu_threads"),
+        ("cpu_threads=5000", "cpu_threads"),
+        ("rollout.max_new_tokens=100000000000000000000", "rollout.max_new_tokens"),
+        ("rollout.max_new_tokens=2000000", "rollout.max_new_tokens"),
+        ("data.num_test_groups=1000000000", "data.num_test_groups"),
+        ("rollout.top_k=3000000000", "rollout.top_k"),
+    ],
+)
+def test_integers_are_bounded_by_what_takes_them(override: str, key: str):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert info.value.key == key and f"'{override}'" in str(info.value)
+
+
+def test_error_messages_show_a_bounded_value(tmp_path: Path):
+    err = _error(tmp_path, "seed: " + "x" * 100_000 + "\n")
+    assert err.key == "seed" and len(str(err)) < 300
+    err = _error(tmp_path, "data:\n  root: " + str([list(range(200))] * 10) + "\n")
+    assert err.key == "data.root" and len(str(err)) < 300
+
+
+def test_yaml_1_1_booleans_are_strings_for_string_fields(tmp_path: Path):
+    cfg = load_config(_write(tmp_path, "data:\n  check_images: off\nlogging:\n  progress_bar: no\nrun_name: yes\n"))
+    assert (cfg.data.check_images, cfg.logging.progress_bar, cfg.run_name) == ("off", False, "yes")
+    assert load_config(None, ["data.check_images=off", "model.use_liger=on"]).model.use_liger is True
+    err = _error(tmp_path, "run_name: false\n")
+    assert err.key == "run_name" and "quote it" in str(err)
+    assert dump_config(cfg).count("'off'") == 1  # written quoted: any YAML reader takes it as the string
+
+
+def test_errors_are_blamed_on_their_source(tmp_path: Path):
+    err = _error(tmp_path, "seed: 1\n", ("reward.alpha=0.9",))  # the failing key is reward.beta, set by nobody
+    assert err.key == "reward.beta" and "(command-line override 'reward.alpha=0.9')" in str(err)
+    err = _error(tmp_path, "reward:\n  alpha: 0.9\n", ("seed=3",))
+    assert "cfg.yaml" in str(err) and "override" not in str(err)
+    err = _error(tmp_path, "- 1\n")  # the file as a whole: no empty key
+    assert str(err).startswith(f"{tmp_path / 'cfg.yaml'}: the top level must be a mapping")
+    assert "config key ''" not in str(err)
+
+
+def test_unreadable_config_files_are_config_errors(tmp_path: Path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"seed: 1\nrun_name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(byte 0xe9 on line 2\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="is a folder, not a config file"):
+        load_config(tmp_path)
+
+
+def test_overrides_anywhere_on_the_command_line(tmp_path: Path, capsys):
+    from rarl_fast.cli import main
+
+    out = tmp_path / "x.yaml"
+    assert main(["config", "seed=1", "--out", str(out), "seed=2", "run_name=last"]) == 0
+    cfg = load_config(out)
+    assert (cfg.seed, cfg.run_name) == (2, "last")
+    assert main(["config", "--out", str(out), "not-an-override"]) == 2
+    assert "not of the form key.sub=value: 'not-an-override'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["config", "seed=1", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

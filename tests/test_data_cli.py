@@ -39,3 +39,18 @@ def test_data_command_reports_a_missing_dataset(tmp_path: Path, capsys):
     missing = tmp_path / "no_such_folder"
     assert main(["data", "data.task=age", f"data.root={missing}"]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_data_command_shows_an_unreadable_image_when_the_check_is_off(tmp_path: Path, capsys):
+    import json
+
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    lines = [{"image": "good.png", "value": 1, "split": "train"}, {"image": "bad.png", "value": 2, "split": "test"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "sheet.png"
+    args = ["data", "--out", str(out), "data.task=jsonl", f"data.root={tmp_path / 'm.jsonl'}", "data.rule=redness",
+            "data.value_range=a number from 0 to 10", "data.tolerance=1", "data.group_sizes=[1]",
+            "data.check_images=off", "sft.group_mix={1: 1.0}", "stage2.group_mix={1: 1.0}"]  # fmt: skip
+    assert main(args) == 0  # the contact sheet shows the broken file as a grey box instead of dying on it
+    assert f"wrote {out}" in capsys.readouterr().out and out.is_file()

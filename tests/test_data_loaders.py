@@ -470,3 +470,36 @@ def test_max_samples_takes_a_seeded_subset(tmp_path: Path):
     assert len(task.train) == min(2, len(full.train)) and len(task.test) == min(2, len(full.test))
     assert {s.sample_id for s in task.train} <= {s.sample_id for s in full.train}
     assert [s.sample_id for s in load_task(cfg.data).train] == [s.sample_id for s in task.train]
+
+
+def test_jsonl_line_that_is_not_utf8_is_an_error_naming_it(tmp_path: Path):
+    from rarl_fast.data import DataFormatError
+
+    _jpeg(tmp_path / "a.jpg")
+    # two ids that decoding with replacement characters would make equal (both become "caf\ufffd")
+    lines = [json.dumps({"image": "a.jpg", "value": 1, "id": "x"}).encode()]
+    lines += [b'{"image": "a.jpg", "value": 2, "id": "caf\xe9"}', b'{"image": "a.jpg", "value": 3, "id": "caf\xe8"}']
+    (tmp_path / "m.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    column = lines[1].index(b"\xe9") + 1
+    with pytest.raises(DataFormatError, match=rf"m\.jsonl line 2 is not UTF-8 text \(byte 0xe9 at column {column}\)"):
+        load_jsonl(tmp_path / "m.jsonl")
+
+
+def test_images_over_the_pixel_limit_are_skipped_without_decoding(tmp_path: Path, recwarn):
+    small, large = _jpeg(tmp_path / "small.jpg", (40, 30)), _jpeg(tmp_path / "large.jpg", (400, 300))
+    assert probe_image(large, "decode", max_pixels=100_000) == "oversized_image"
+    assert probe_image(large, "header", max_pixels=100_000) == "oversized_image"
+    assert probe_image(large, "off", max_pixels=100_000) is None  # off: the file exists, nothing more
+    assert probe_image(small, "decode", max_pixels=100_000) is None
+    report = LoadReport(source="x")
+    samples = [Sample(sample_id=p.name, value=1.0, image=str(p)) for p in (small, large)]
+    assert [s.sample_id for s in check_images(samples, "decode", report, max_pixels=100_000)] == ["small.jpg"]
+    assert report.skipped == {"oversized_image": 1}
+    from rarl_fast.data.images import BrokenImageError, ImageCache
+
+    cache = ImageCache(min_pixels=56 * 56, max_pixels=112 * 112, max_image_pixels=100_000)
+    with pytest.raises(BrokenImageError, match=r"more than data\.max_image_pixels=100000") as err:
+        cache.get(str(large))
+    assert err.value.reason == "oversized_image" and cache.failed == {str(large): "oversized_image"}
+    assert cache.decodes == {}  # never decoded
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]

@@ -143,5 +143,12 @@ def test_device_dtype_and_attention_choices():
 
 
 def test_missing_local_checkpoint_is_a_clear_error(tmp_path: Path):
-    with pytest.raises(OSError):
+    from rarl_fast.model import ModelLoadError, resolve_model_path
+
+    with pytest.raises(ModelLoadError, match=r"cannot load the model from .*nothing-here"):
         load_model(tmp_path / "nothing-here", local_files_only=True)
+    with pytest.raises(ModelLoadError, match="no model folder at /nonexistent"):  # not taken for a Hub id
+        resolve_model_path("/nonexistent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="empty"):
+        load_model(tmp_path / "empty", local_files_only=True)

@@ -385,6 +385,18 @@ def test_demo_end_to_end_at_toy_size(tiny_vlm_dir, tmp_path, monkeypatch, parall
     assert set(gap["per_n"]) == {"2"} and gap["per_n"]["2"]["groups"] == 2  # data.num_test_groups
     assert gap["verdict"] in {"ahead", "behind", "within test-set noise"}
 
+    # run again into the same root: refused, the earlier demo untouched; --overwrite moves it aside whole
+    from rarl_fast.run_folder import RunFolderError
+
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", overrides)
+    with pytest.raises(RunFolderError, match=r"demo folder .*run holds an earlier demo \(sft_warm/, sft_continued/"):
+        run_demo(cfg)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    demo.claim_demo_root(cfg, overwrite=True)
+    (moved,) = tmp_path.glob("run.replaced-*")
+    assert not root.exists() and sorted(p.relative_to(moved) for p in moved.rglob("*")) == before
+
 
 @pytest.mark.timeout(600)
 def test_demo_starts_itself_data_parallel(tiny_vlm_dir, tmp_path):

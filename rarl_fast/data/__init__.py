@@ -10,6 +10,7 @@ from typing import Any
 
 _EXPORTS = {
     "BrokenImageError": "images",
+    "DataFormatError": "samples",
     "DataNotFoundError": "samples",
     "Group": "groups",
     "GroupSampler": "groups",
@@ -23,6 +24,8 @@ _EXPORTS = {
     "collate": "batch",
     "eligible_category_counts": "groups",
     "load_task": "task",
+    "readable": "batch",
+    "readable_groups": "batch",
     "render_prompt": "batch",
     "build_test_groups": "groups",
     "build_train_groups": "groups",

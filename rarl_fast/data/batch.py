@@ -1,4 +1,5 @@
-"""Prompt rendering through the processor's chat template, and collation of groups into model inputs.
+"""Prompt rendering through the processor's chat template, collation of groups into model inputs, and the
+replacement of groups whose images cannot be loaded.
 
 A :class:`PromptBatch` keeps the per-prompt image bookkeeping on the CPU (images per prompt, offsets into
 ``image_grid_thw`` and ``pixel_values``), so the rollout engine can expand each prompt G times and the
@@ -14,10 +15,11 @@ import torch
 from torch import Tensor
 
 from rarl_fast.data.groups import Group
-from rarl_fast.data.images import ImageCache
+from rarl_fast.data.images import BrokenImageError, ImageCache
 from rarl_fast.data.prompts import build_messages
+from rarl_fast.data.samples import DataNotFoundError, hash_unit
 
-__all__ = ["PromptBatch", "collate", "render_prompt"]
+__all__ = ["PromptBatch", "collate", "readable", "readable_groups", "render_prompt"]
 
 
 def render_prompt(processor: Any, group: Group) -> str:
@@ -157,3 +159,45 @@ def collate(processor: Any, groups: list[Group], cache: ImageCache) -> PromptBat
         patch_offsets=_offsets(per_prompt),
         lengths=attention_mask.sum(dim=1),
     )
+
+
+def readable(group: Group, cache: ImageCache) -> bool:
+    """Whether every image of ``group`` loads through ``cache`` (which then holds them for :func:`collate`); an image
+    that does not is remembered by the cache (``cache.failed``) and never read again."""
+    try:
+        for s in group.samples:
+            cache.get(s.image)
+    except BrokenImageError:
+        return False
+    return True
+
+
+def readable_groups(
+    groups: list[Group], pool: dict[int, list[Group]], cache: ImageCache, *, seed: int, tries: int = 64
+) -> tuple[list[Group], int]:
+    """``groups`` with each group holding an image that cannot be loaded (whatever the load-time check let through)
+    replaced by a readable group of the same N from ``pool`` (N -> groups) that is not in the batch yet; the
+    replacement is drawn by ``seed`` and the group's key, so a rerun (or a resumed run) makes the same choice.
+    Returns the groups and how many were replaced; raises :class:`DataNotFoundError` when ``tries`` draws find no
+    readable group."""
+    out: list[Group] = []
+    keys = {g.key for g in groups}
+    replaced = 0
+    for g in groups:
+        if readable(g, cache):
+            out.append(g)
+            continue
+        replaced += 1
+        candidates = pool.get(g.n, [])
+        for attempt in range(tries if candidates else 0):
+            pick = candidates[int(hash_unit(seed, f"replace:{attempt}:" + "\x00".join(g.key)) * len(candidates))]
+            if pick.key not in keys and readable(pick, cache):
+                out.append(pick)
+                keys.add(pick.key)
+                break
+        else:
+            raise DataNotFoundError(
+                f"group {g.key} has an unreadable image and {tries} draws found no readable group of {g.n} image(s) "
+                f"to replace it ({len(cache.failed)} unreadable images so far): check the data"
+            )
+    return out, replaced

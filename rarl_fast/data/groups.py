@@ -173,7 +173,8 @@ def build_groups(
         n: images per group (N).
         num_groups: groups to build; None builds ``ceil(len(samples) / n)``. For N = 1 the groups are distinct
             samples: all of them (shuffled) when None or at least ``len(samples)``, else a random subset.
-            For N >= 2 a key is never repeated; if the data cannot supply that many distinct groups, fewer.
+            For N >= 2 a key is never repeated; if the data cannot supply that many distinct groups, fewer
+            (drawing stops after 1000 draws in a row that find no new group).
         seed: with ``stream`` and ``n``, fixes the result.
         rule, value_range, tolerance: copied into every group (``{category}`` in the rule is filled in).
         stream: ``train`` or ``test``: separate random streams, so test groups do not mirror training groups.
@@ -199,14 +200,16 @@ def build_groups(
     pool_cdf /= pool_cdf[-1]
     groups: list[Group] = []
     seen: set[tuple[int, ...]] = set()
-    attempts = 0
-    while len(groups) < num_groups and attempts < 10 * num_groups + 100:
+    attempts = misses = 0
+    while len(groups) < num_groups and attempts < 10 * num_groups + 100 and misses < 1000:
         attempts += 1
         pool = pools[int(np.searchsorted(pool_cdf, rng.random(), side="right"))] if len(pools) > 1 else pools[0]
         picked = pool.draw(rng, n)
         picked = [picked[k] for k in rng.permutation(n)]
         if tuple(picked) in seen:
+            misses += 1
             continue
+        misses = 0
         seen.add(tuple(picked))
         groups.append(make(picked))
     return groups

@@ -15,8 +15,8 @@ import math
 import re
 from pathlib import Path
 
-from rarl_fast.data.images import CheckMode, check_images
-from rarl_fast.data.samples import DataNotFoundError, LoadReport, Sample, hash_unit, seeded_subset
+from rarl_fast.data.images import MAX_IMAGE_PIXELS, CheckMode, check_images
+from rarl_fast.data.samples import DataFormatError, DataNotFoundError, LoadReport, Sample, hash_unit, seeded_subset
 
 __all__ = [
     "finish",
@@ -38,6 +38,21 @@ def hash_split(samples: list[Sample], test_fraction: float, seed: int) -> tuple[
     return train, test
 
 
+def _read_lines(path: Path) -> list[str]:
+    """The lines of the UTF-8 text file ``path``; a line that is not UTF-8 raises :class:`DataFormatError` naming it
+    (decoding with replacement characters could make two different ids equal)."""
+    lines = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise DataFormatError(
+                f"{path} line {number} is not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}): "
+                "save the file as UTF-8"
+            ) from None
+    return lines
+
+
 def _count(report: LoadReport, reason: str, k: int) -> None:
     """Add ``k`` skips for ``reason`` (no entry when k is 0)."""
     if k:
@@ -54,14 +69,16 @@ def finish(
     check: CheckMode,
     max_samples: int | None,
     seed: int,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> tuple[list[Sample], list[Sample]]:
-    """Range filter, seeded cap, image check and counts; raises :class:`DataNotFoundError` on an empty split."""
+    """Range filter, seeded cap, image check (``max_pixels``: larger images are skipped as oversized) and counts;
+    raises :class:`DataNotFoundError` on an empty split."""
     out = []
     for name, samples in (("train", train), ("test", test)):
         kept = [s for s in samples if value_min <= s.value <= value_max]
         _count(report, "value_out_of_range", len(samples) - len(kept))
         kept = seeded_subset(kept, max_samples, seed)
-        kept = check_images(kept, check, report)
+        kept = check_images(kept, check, report, max_pixels=max_pixels)
         report.counts[name] = len(kept)
         out.append(kept)
     for name, samples in zip(("train", "test"), out):
@@ -133,8 +150,7 @@ def _split_csv_names(path: Path, report: LoadReport) -> list[str]:
     """File names listed in a coral-cnn split CSV (header ``,file,age``; only the ``file`` column is used)."""
     if not path.is_file():
         raise DataNotFoundError(f"split file not found: {path}")
-    with path.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
+    rows = list(csv.reader(_read_lines(path)))
     if not rows or "file" not in rows[0]:
         raise DataNotFoundError(f"split file {path} has no 'file' column in its header (expected ',file,age')")
     col = rows[0].index("file")
@@ -241,7 +257,7 @@ def load_ava(root: str | Path) -> Split:
         samples[image_id] = Sample(sample_id=image_id, value=mean, image=str(root / "images" / f"{image_id}.jpg"))
     if not samples:
         raise DataNotFoundError(f"no usable rows in {table}")
-    test_ids = {t for t in test_list.read_text(encoding="utf-8").split() if t}
+    test_ids = {t for line in _read_lines(test_list) for t in line.split()}
     _count(report, "test_id_not_in_ava_txt", sum(1 for t in test_ids if t not in samples))
     test = [s for i, s in samples.items() if i in test_ids]
     train = [s for i, s in samples.items() if i not in test_ids]
@@ -268,6 +284,7 @@ def load_jsonl(path: str | Path, *, test_fraction: float = 0.2, seed: int = 0) -
     (a string; groups are then drawn within one category). Skipped by reason: ``bad_json``, ``not_an_object``,
     ``missing_field`` (no string ``image`` or no ``value``), ``bad_value`` (not a finite JSON number),
     ``bad_split``, ``bad_category``, ``bad_id`` (not a non-empty string), ``duplicate_id``; blank lines are ignored.
+    A line that is not UTF-8 is an error naming it (:class:`DataFormatError`), never decoded with replacements.
     """
     path = Path(path).resolve()
     if not path.is_file():
@@ -276,7 +293,7 @@ def load_jsonl(path: str | Path, *, test_fraction: float = 0.2, seed: int = 0) -
     fixed: dict[str, list[Sample]] = {"train": [], "test": []}
     unsplit: list[Sample] = []
     seen: set[str] = set()
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in _read_lines(path):
         if not line.strip():
             continue
         try:

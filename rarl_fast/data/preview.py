@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rarl_fast.data.groups import Group, truth_json
-from rarl_fast.data.images import load_image
+from rarl_fast.data.images import MAX_IMAGE_PIXELS, BrokenImageError, load_image
 from rarl_fast.data.prompts import SYSTEM_PROMPT, user_prompt_text
 
 __all__ = ["contact_sheet", "value_histogram"]
@@ -49,10 +49,17 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
-def _thumb(group: Group, i: int) -> Any:
-    from PIL import Image
+def _thumb(group: Group, i: int, max_pixels: int) -> Any:
+    """Image ``i`` of ``group`` scaled to fit the thumbnail box; a grey box marked as unreadable when it cannot be
+    loaded (the load-time check may have been ``header`` or ``off``)."""
+    from PIL import Image, ImageDraw
 
-    im = load_image(group.samples[i].image)
+    try:
+        im = load_image(group.samples[i].image, max_pixels)
+    except BrokenImageError as err:
+        box = Image.new("RGB", (_THUMB, _THUMB), (200, 200, 200))
+        ImageDraw.Draw(box).text((6, _THUMB // 2 - 8), err.reason.replace("_", " "), fill="black", font=_font(12))
+        return box
     scale = min(_THUMB / im.width, _THUMB / im.height)
     size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
     return im.resize(size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS)
@@ -67,10 +74,13 @@ def _wrap(text: str, font: Any, width_px: int) -> list[str]:
     return out
 
 
-def contact_sheet(groups: Sequence[Group], path: str | Path, *, title: str = "") -> Path:
+def contact_sheet(
+    groups: Sequence[Group], path: str | Path, *, title: str = "", max_pixels: int = MAX_IMAGE_PIXELS
+) -> Path:
     """Write a PNG showing each group: its images with their true values, the user prompt and the true answer.
 
-    The system prompt (the same for every group) is printed once at the top.
+    The system prompt (the same for every group) is printed once at the top; an image that cannot be loaded (or
+    has more than ``max_pixels`` pixels) is shown as a grey box naming the reason.
     """
     from PIL import Image, ImageDraw
 
@@ -78,7 +88,7 @@ def contact_sheet(groups: Sequence[Group], path: str | Path, *, title: str = "")
     line = 17
     blocks = []
     for g in groups:
-        thumbs = [_thumb(g, i) for i in range(g.n)]
+        thumbs = [_thumb(g, i, max_pixels) for i in range(g.n)]
         prompt = _wrap(user_prompt_text(g.n, g.rule, g.value_range), font, _WIDTH - 2 * _PAD)
         answer = _wrap("true answer: " + truth_json(g.values), font, _WIDTH - 2 * _PAD)
         height = line + _THUMB + line + _PAD + line * (len(prompt) + len(answer)) + 2 * _PAD

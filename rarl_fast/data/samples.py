@@ -12,10 +12,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias, runtime_checkable
 
+from rarl_fast.errors import UsageError
+
 if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = [
+    "DataFormatError",
     "DataNotFoundError",
     "ImageRef",
     "LoadReport",
@@ -44,8 +47,12 @@ ImageRef: TypeAlias = "str | RenderedImage"
 Metric = Literal["mae", "accuracy", "srcc"]
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(UsageError, FileNotFoundError):
     """A loader found no usable data (or a required file) at the configured path; the message names the path."""
+
+
+class DataFormatError(UsageError, ValueError):
+    """A data file cannot be read as it is (e.g. a manifest line that is not UTF-8); the message names the line."""
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ def load_task(cfg: DataConfig, *, tolerance: float | None = None) -> TaskData:
 
     Real datasets are read from ``cfg.root`` (nothing is downloaded); the synthetic benchmark is generated.
     Values outside ``[value_min, value_max]`` are skipped, ``max_samples`` caps each split, images are checked
-    per ``check_images``; counts of everything skipped are in ``TaskData.report``. For data with categories
-    (COCO-REM) the report also gives, per N in ``group_sizes``, the categories eligible for groups of N.
+    per ``check_images`` and ``max_image_pixels``; counts of everything skipped are in ``TaskData.report``. For
+    data with categories (COCO-REM) the report also gives, per N in ``group_sizes``, the categories eligible for
+    groups of N.
     Raises :class:`~rarl_fast.data.samples.DataNotFoundError` naming the path when a split comes out empty.
     """
     from rarl_fast.data.groups import eligible_category_counts
@@ -60,6 +61,7 @@ def load_task(cfg: DataConfig, *, tolerance: float | None = None) -> TaskData:
         check=cfg.check_images,
         max_samples=cfg.max_samples,
         seed=cfg.seed,
+        max_pixels=cfg.max_image_pixels,
     )
     if any(s.category is not None for s in train + test):
         report.eligible_categories = {
