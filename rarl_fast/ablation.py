@@ -212,6 +212,13 @@ def _previous_times(root: Path) -> dict[str, float]:
         return {}
 
 
+def _resumable(run_dir: Path) -> bool:
+    """Whether an RL run was cut off in ``run_dir`` after its first checkpoint (then it resumes, else starts)."""
+    from rarl_fast.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run_dir) is not None
+
+
 def run_ablation(base: Config, variants: Sequence[Variant], root: Path) -> dict[str, Any]:
     """Train and evaluate ``variants`` of ``base`` under ``root``; returns the manifest (also ``root/ablation.json``).
 
@@ -238,7 +245,7 @@ def run_ablation(base: Config, variants: Sequence[Variant], root: Path) -> dict[
     times: dict[str, float] = _previous_times(root)
     if any(v.name in sharers for v in todo):
         t0 = time.perf_counter()
-        run_rarl(shared_cfg, resume=True, run_dir=shared)
+        run_rarl(shared_cfg, resume=_resumable(shared), run_dir=shared)
         times[SHARED_STAGE1] = round(time.perf_counter() - t0, 1)
     models: dict[str, str] = {}
     for v in variants:
@@ -264,9 +271,10 @@ def run_ablation(base: Config, variants: Sequence[Variant], root: Path) -> dict[
             if _main_process():
                 branch_from(shared, run_dir)
             _barrier()
-            run_rarl(cfg, resume=True, run_dir=run_dir)
+            # the branch continues the shared stage-1 checkpoint with its own stage 2: a config change by design
+            run_rarl(cfg, resume=True, run_dir=run_dir, allow_config_change=True)
         elif v.train == "rarl" and v.name not in sharers:
-            run_rarl(cfg, resume=True, run_dir=run_dir)
+            run_rarl(cfg, resume=_resumable(run_dir), run_dir=run_dir)
         model = None if v.train == "none" else models[v.name]
         run_eval(with_model(cfg, model), v.name, run_dir=run_dir)
         times[v.name] = round(time.perf_counter() - t0, 1)
