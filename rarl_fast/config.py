@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rarl_fast.errors import UsageError
-from rarl_fast.rl.rmo import RMOBaseline, RMOMode, RMOSource, ThinkStyle
 
 __all__ = [
     "RESUME_SAFE_KEYS",
@@ -131,6 +130,15 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 _RANGE_RE = re.compile(r"from\s+(-?\d+(?:\.\d+)?)\s+to\s+(-?\d+(?:\.\d+)?)")
 """The numeric ends of a value-range phrase such as ``an integer from 0 to 116``."""
 
+RMOMode = Literal["stagnant", "always"]
+"""Which groups may be mutated: stagnant ones (std(R) < sigma_min), or every group."""
+RMOSource = Literal["gt", "best"]
+"""Where the reference comes from: the rendered ground truth, or the group's best response seen so far."""
+RMOBaseline = Literal["group", "sampled"]
+"""What a mutated group's sampled responses are normalized against: the whole mutated group (eq. 9), or
+themselves alone (our extension)."""
+ThinkStyle = Literal["fixed", "readings"]
+"""How the rendered ground truth reasons: the fixed ``Reference answer.``, or each image's value in prompt order."""
 Task = Literal["synthetic", "age", "count", "aesthetics", "jsonl"]
 LossType = Literal["bnpo", "dapo", "grpo", "dr_grpo"]
 

@@ -80,3 +80,13 @@ def test_cli_make_tiny(tmp_path: Path):
 
     assert main(["make-tiny", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_cli_config_imports_nothing_heavy(tmp_path: Path):
+    """Validating a config (and refusing a bad one, e.g. a YAML alias bomb) needs neither torch nor transformers."""
+    heavy = _run_python(
+        "import sys; from rarl_fast.cli import main\n"
+        f"main(['config', '-c', {str(ROOT / 'configs' / 'demo_cpu.yaml')!r}, '--out', {str(tmp_path / 'r.yaml')!r}])\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'triton', 'PIL', 'scipy') if m in sys.modules))"
+    )
+    assert heavy.strip().splitlines()[-1] == "[]"

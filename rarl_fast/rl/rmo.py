@@ -20,11 +20,12 @@ import json
 import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 from torch import Tensor
 
+from rarl_fast.config import RMOBaseline, RMOMode, RMOSource, ThinkStyle
 from rarl_fast.rewards.score import score
 from rarl_fast.rl.advantages import group_advantages, group_std
 
@@ -49,15 +50,6 @@ __all__ = [
     "stagnant_groups",
 ]
 
-RMOMode = Literal["stagnant", "always"]
-"""Which groups may be mutated: stagnant ones (std(R) < sigma_min), or every group."""
-RMOSource = Literal["gt", "best"]
-"""Where the reference comes from: the rendered ground truth, or the group's best response seen so far."""
-RMOBaseline = Literal["group", "sampled"]
-"""What a mutated group's sampled responses are normalized against: the whole mutated group (eq. 9), or
-themselves alone (our extension)."""
-ThinkStyle = Literal["fixed", "readings"]
-"""How the rendered ground truth reasons: the fixed ``Reference answer.``, or each image's value in prompt order."""
 RMO_MODES: tuple[str, ...] = get_args(RMOMode)
 RMO_SOURCES: tuple[str, ...] = get_args(RMOSource)
 RMO_BASELINES: tuple[str, ...] = get_args(RMOBaseline)
