@@ -293,9 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _leave_process_group() -> None:
-    """Under `accelerate launch`, wait for every rank, then leave the process group before the interpreter exits.
-    A rank that returned early (the demo's non-main ranks, while rank 0 writes the table and plots) and exited
-    with the gloo group alive aborted once in CI ("terminate called without an active exception", SIGABRT)."""
+    """Under `accelerate launch`, wait for every rank, then leave the process group before the interpreter exits:
+    a rank that returns early (the demo's non-main ranks, while rank 0 writes the table and plots) and exits with
+    the gloo group alive can abort ("terminate called without an active exception"). A command that never
+    imported torch has no process group."""
+    if "torch" not in sys.modules:
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
