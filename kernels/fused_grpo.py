@@ -33,6 +33,7 @@ from rarl_kernels._utils import (
     kernel_out_dtype,
     launch,
     resolve_impl,
+    row_buffer,
     tile_config,
 )
 from rarl_kernels.aggregation import LOSS_TYPES, grpo_metrics, token_weights
@@ -55,7 +56,8 @@ class FusedOptions(NamedTuple):
     """compute the policy entropy (the chunked torch path spends a pass on it; the Triton path gets it free)"""
 
 
-@triton.jit
+# The row count only bounds masks across rows: not specialized on (no recompile per chunk length).
+@triton.jit(do_not_specialize=["N"])
 def _logits_partials_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, z_ptr, pm_ptr, ps_ptr, pu_ptr, zl_ptr,
     N, V, H, s_hn, s_hh, s_wv, s_wh, s_zn, s_pn, inv_t,
@@ -82,7 +84,8 @@ def _logits_partials_kernel(
     tl.store(zl_ptr + rows, z_label, mask=rmask & in_tile)
 
 
-@triton.jit
+# Row count and vocabulary size only bound masks and label checks here: not specialized on.
+@triton.jit(do_not_specialize=["N", "V"])
 def _grpo_rows_kernel(
     pm_ptr, ps_ptr, pu_ptr, zl_ptr, y_ptr, old_ptr, ref_ptr, adv_ptr, isw_ptr, wt_ptr, st_ptr,
     N, V, NVB, s_pn, s_st, lo, hi, beta,
@@ -136,7 +139,8 @@ def _grpo_rows_kernel(
     tl.store(st_ptr + 7 * s_st + rows, coef, mask=rmask)
 
 
-@triton.jit
+# The row count only bounds masks across rows: not specialized on (no recompile per chunk length).
+@triton.jit(do_not_specialize=["N"])
 def _grpo_dz_kernel(z_ptr, y_ptr, lse_ptr, coef_ptr, N, V, s_zn, inv_t, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -159,11 +163,11 @@ def fused_grpo_chunks_triton(hidden, weight, bias, labels, tok: TokenOperands, n
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    cfg = tile_config(dev)
-    bn, bv = fit_block(cfg["BLOCK_N"], N), cfg["BLOCK_V"]
+    cfg = tile_config(dev, hidden.dtype)
+    bn, bv = fit_block(cfg["BLOCK_N"], N, cfg["MIN_M"]), cfg["BLOCK_V"]
     rows = chunk_rows(N, V, chunk_bytes, multiple=bn, device=dev)
     nvb = triton.cdiv(V, bv)
-    z = torch.empty(rows, V, device=dev, dtype=torch.float32)
+    z = row_buffer(rows, V, device=dev, dtype=torch.float32)
     part = torch.empty(3, rows, nvb, device=dev, dtype=torch.float32)
     z_label = torch.zeros(N, device=dev, dtype=torch.float32)
     stats = torch.empty(len(STATS), N, device=dev, dtype=torch.float32)
@@ -171,6 +175,7 @@ def fused_grpo_chunks_triton(hidden, weight, bias, labels, tok: TokenOperands, n
     gw = torch.empty(V, H, device=dev, dtype=torch.float32) if needs[1] else None
     gb = torch.zeros(V, device=dev, dtype=torch.float32) if needs[2] else None
     inv_t = 1.0 / opts.temperature
+    has_kl = tok.ref is not None and p.beta != 0.0  # BIAS_CORR only with it: one compiled variant less
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         n, h_c, z_c, st = r1 - r0, hidden[r0:r1], z[: r1 - r0], stats[:, r0:r1]
@@ -181,14 +186,14 @@ def fused_grpo_chunks_triton(hidden, weight, bias, labels, tok: TokenOperands, n
             h_c, weight, bias if bias is not None else h_c, labels[r0:r1], z_c, part[0], part[1], part[2],
             z_label[r0:r1], n, V, H, *h_c.stride(), *weight.stride(), z_c.stride(0), part.stride(1), inv_t,
             HAS_BIAS=bias is not None, **dot_flags(hidden.dtype),
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"],
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
         launch(
-            "grpo_rows", _grpo_rows_kernel, (triton.cdiv(n, bn),),
+            "grpo_rows", _grpo_rows_kernel, (triton.cdiv(n, cfg["BLOCK_R"]),),
             part[0], part[1], part[2], z_label[r0:r1], labels[r0:r1], t.old, t.ref, t.adv, t.isw, t.weight, st,
             n, V, nvb, part.stride(1), st.stride(0), p.lo, p.hi, p.beta,
-            HAS_OLD=tok.old is not None, HAS_KL=tok.ref is not None and p.beta != 0.0,
-            HAS_ISW=tok.isw is not None, BIAS_CORR=p.bias_corr, BLOCK_N=bn, BLOCK_P=64, num_warps=4,
+            HAS_OLD=tok.old is not None, HAS_KL=has_kl, HAS_ISW=tok.isw is not None, BIAS_CORR=has_kl and p.bias_corr,
+            BLOCK_N=cfg["BLOCK_R"], BLOCK_P=cfg["BLOCK_P"], num_warps=cfg["rows_warps"],
         )  # fmt: skip
         if not any(needs):
             continue

@@ -132,7 +132,9 @@ def _kernel_args(logp, tok: TokenOperands):
 
 
 def _flags(tok: TokenOperands, p: TokenParams) -> dict[str, bool]:
-    return dict(HAS_KL=tok.ref is not None and p.beta != 0.0, HAS_ISW=tok.isw is not None, BIAS_CORR=p.bias_corr)
+    """The constexpr switches; BIAS_CORR only with a KL term (otherwise it changes nothing: one compiled variant)."""
+    has_kl = tok.ref is not None and p.beta != 0.0
+    return dict(HAS_KL=has_kl, HAS_ISW=tok.isw is not None, BIAS_CORR=has_kl and p.bias_corr)
 
 
 def grpo_token_fwd_triton(logp, tok: TokenOperands, p: TokenParams):

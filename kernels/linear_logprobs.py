@@ -30,12 +30,14 @@ from rarl_kernels._utils import (
     kernel_out_dtype,
     launch,
     resolve_impl,
+    row_buffer,
     tile_config,
 )
 from rarl_kernels.reference import fused_linear_logprobs_ref
 
 
-@triton.jit
+# The row count only bounds masks across rows: not specialized on (no recompile per chunk length).
+@triton.jit(do_not_specialize=["N"])
 def _linear_logprobs_fwd_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, logp_ptr, m_ptr, ls_ptr, ent_ptr,
     N, V, H, s_hn, s_hh, s_wv, s_wh, inv_t,
@@ -69,7 +71,8 @@ def _linear_logprobs_fwd_kernel(
     tl.store(ent_ptr + rows, ls - u / s, mask=rows < N)
 
 
-@triton.jit
+# The row count only bounds masks across rows: not specialized on (no recompile per chunk length).
+@triton.jit(do_not_specialize=["N"])
 def _linear_logprobs_dlogits_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, ls_ptr, ent_ptr, g_ptr, ge_ptr, dz_ptr,
     N, V, H, s_hn, s_hh, s_wv, s_wh, s_dn, inv_t,
@@ -106,8 +109,8 @@ def linear_logprobs_fwd_triton(hidden, weight, labels, bias, temperature: float)
     """hidden [N,H], weight [V,H], labels [N] int64, bias [V]|None -> logp, row max, log-sum (logsumexp minus the
     row max), entropy: [N] fp32 each."""
     N = hidden.shape[0]
-    cfg = dict(tile_config(hidden.device))
-    cfg["BLOCK_N"] = fit_block(cfg["BLOCK_N"], N)
+    cfg = tile_config(hidden.device, hidden.dtype)
+    cfg["BLOCK_N"] = fit_block(cfg["BLOCK_N"], N, cfg["MIN_M"])
     logp, row_max, log_sum, ent = (torch.empty(N, device=hidden.device, dtype=torch.float32) for _ in range(4))
     launch(
         "linear_logprobs_fwd", _linear_logprobs_fwd_kernel, (triton.cdiv(N, cfg["BLOCK_N"]),),
@@ -115,6 +118,7 @@ def linear_logprobs_fwd_triton(hidden, weight, labels, bias, temperature: float)
         *_common_args(hidden, weight), 1.0 / temperature,
         HAS_BIAS=bias is not None, **dot_flags(hidden.dtype),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )  # fmt: skip
     return logp, row_max, log_sum, ent
 
@@ -124,10 +128,10 @@ def linear_logprobs_bwd_triton(hidden, weight, labels, bias, temperature, row_ma
     """Gradients (hidden, weight, bias) of sum(g_logp*logp + g_ent*entropy); `needs` = which of the three."""
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = dict(tile_config(hidden.device))
-    cfg["BLOCK_N"] = fit_block(cfg["BLOCK_N"], N)
+    cfg = tile_config(hidden.device, hidden.dtype)
+    cfg["BLOCK_N"] = fit_block(cfg["BLOCK_N"], N, cfg["MIN_M"])
     rows = chunk_rows(N, V, chunk_bytes, multiple=cfg["BLOCK_N"], device=hidden.device)
-    dz = torch.empty(rows, V, device=hidden.device, dtype=kernel_out_dtype(hidden.dtype))
+    dz = row_buffer(rows, V, device=hidden.device, dtype=kernel_out_dtype(hidden.dtype))
     gh = torch.empty(N, H, device=hidden.device, dtype=kernel_out_dtype(hidden.dtype)) if needs[0] else None
     gw = torch.empty(V, H, device=hidden.device, dtype=torch.float32) if needs[1] else None
     gb = torch.zeros(V, device=hidden.device, dtype=torch.float32) if needs[2] else None
@@ -142,6 +146,7 @@ def linear_logprobs_bwd_triton(hidden, weight, labels, bias, temperature, row_ma
             *_common_args(h_c, weight), dz_c.stride(0), 1.0 / temperature,
             HAS_BIAS=bias is not None, HAS_GENT=g_ent is not None, **dot_flags(hidden.dtype),
             BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )  # fmt: skip
         contract_dlogits(dz_c, h_c, weight, gh[r0:r1] if gh is not None else None, gw, gb, accumulate=r0 > 0)
     return (
