@@ -122,29 +122,30 @@ class Build:
     seconds: float = 0.0
 
 
-def _option_runs(dtype: torch.dtype, shape: tuple[int, int, int]) -> Iterator[None]:
-    """Run every op on `shape` in `dtype` over the product of its options, forward and backward (a generator: one
-    step per run, so that a caller can see which run made which launches)."""
+def option_runs(dtype: torch.dtype, shape: tuple[int, int, int], device: str = "cpu") -> Iterator[None]:
+    """Run every op on `shape` in `dtype` over the product of its options, forward and backward, with the Triton
+    kernels (a generator: one step per run, so that a caller can see which run made which launches)."""
     N, H, V = shape
     g = torch.Generator().manual_seed(0)
     B, T = 3, N // 3
     chunk = ROWS_PER_CHUNK * V * 4
-    leaf = lambda *s: torch.randn(*s, generator=g).to(dtype).requires_grad_()
-    labels = torch.randint(0, V, (B, T), generator=g)
-    mask = torch.ones(B, T)
-    per_tok = lambda: torch.randn(B, T, generator=g)
+    rand = lambda *s: torch.randn(*s, generator=g).to(device)
+    leaf = lambda *s: rand(*s).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=g).to(device)
+    mask = torch.ones(B, T, device=device)
+    per_tok = lambda: rand(B, T)
     for bias, old, ref, isw, corr in itertools.product((False, True), repeat=5):
         h, w, b = leaf(B, T, H), leaf(V, H), leaf(V) if bias else None
         loss, _ = fused_linear_grpo_loss(
-            h, w, labels, mask, torch.randn(B, generator=g), bias=b, logp_old=per_tok() if old else None,
+            h, w, labels, mask, rand(B), bias=b, logp_old=per_tok() if old else None,
             logp_ref=per_tok() if ref else None, is_ratio=per_tok() if isw else None, bias_correction_kl=corr,
             chunk_bytes=chunk, impl="triton",
         )  # fmt: skip
         loss.backward()
         yield
     # reference log-probs from reference hidden states; a frozen lm_head (only the hidden states get a gradient)
-    h, w = leaf(B, T, H), torch.randn(V, H, generator=g).to(dtype)
-    loss, _ = fused_linear_grpo_loss(h, w, labels, mask, torch.randn(B, generator=g), ref_hidden=h.detach(),
+    h, w = leaf(B, T, H), rand(V, H).to(dtype)
+    loss, _ = fused_linear_grpo_loss(h, w, labels, mask, rand(B), ref_hidden=h.detach(),
                                      ref_weight=w, chunk_bytes=chunk, impl="triton")  # fmt: skip
     loss.backward()
     yield
@@ -155,8 +156,8 @@ def _option_runs(dtype: torch.dtype, shape: tuple[int, int, int]) -> Iterator[No
         (out[0].sum() + out[1].sum() if entropy else out.sum()).backward()
         yield
     for old, ref, isw, corr in itertools.product((False, True), repeat=4):
-        logp = (torch.randn(B, T, generator=g) - 2).requires_grad_()
-        adv = torch.randn(B, generator=g)
+        logp = (rand(B, T) - 2).requires_grad_()
+        adv = rand(B)
         loss, _ = grpo_loss(logp, per_tok() if old else None, per_tok() if ref else None, adv, mask,
                             is_ratio=per_tok() if isw else None, bias_correction_kl=corr, impl="triton")  # fmt: skip
         loss.backward()
@@ -187,7 +188,7 @@ def launch_variants(arch: int) -> list[Variant]:
     seen: dict[str, Variant] = {}
     for (label, dtype), shape in itertools.product(DTYPES.items(), SHAPES.values()):
         with capture_launches(arch) as launches:
-            collections.deque(_option_runs(dtype, shape), maxlen=0)
+            collections.deque(option_runs(dtype, shape), maxlen=0)
         for launch in launches:
             sig, const, attrs, opts = _specialize(launch, arch)
             key = repr((launch.kernel.fn.__qualname__, sorted(sig.items()), sorted(const.items()),
@@ -252,6 +253,28 @@ def compile_variant(v: Variant, arch: int) -> Build:
     return build
 
 
+def loaded_kernels() -> list[dict]:
+    """After the ops ran on a GPU: what the driver reports for every kernel variant compiled in this process (the
+    twin of `compile_variant`'s ahead-of-time figures): one dict per variant."""
+    rows, seen = [], set()
+    modules = [m for n, m in sorted(sys.modules.items()) if n.startswith("rarl_kernels.")]
+    for module in modules:
+        for kname, fn in sorted(vars(module).items()):
+            if not (kname.endswith("_kernel") and isinstance(fn, triton.runtime.JITFunction)) or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            for cache, *_ in fn.device_caches.values():
+                for k in cache.values():
+                    k._init_handles()  # loaded already when it ran; reads registers and spills from the driver
+                    sig = getattr(k.src, "signature", {})
+                    rows.append(dict(
+                        kernel=kname, dtype="bf16" if "*bf16" in sig.values() else "fp32",
+                        arch=k.metadata.target.arch, registers=k.n_regs, spill_bytes=k.n_spills,
+                        shared=k.metadata.shared, num_warps=k.metadata.num_warps,
+                    ))  # fmt: skip
+    return rows
+
+
 _VARIANTS: dict[int, list[Variant]] = {}  # filled before the worker processes fork, read by them
 
 
@@ -260,11 +283,12 @@ def _compile_task(task: tuple[int, int]) -> Build:
     return compile_variant(_VARIANTS[arch][i], arch)
 
 
-def build_all(archs: tuple[int, ...] = ARCHS, jobs: int = 1) -> list[Build]:
-    """Compile every variant for every architecture in `archs`, on `jobs` processes."""
+def build_all(archs: tuple[int, ...] = ARCHS, jobs: int = 1, kernels: tuple[str, ...] = ()) -> list[Build]:
+    """Compile every variant (of `kernels` only, when given) for every architecture in `archs`, on `jobs`
+    processes."""
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated to silence its warning
     for arch in archs:
-        _VARIANTS[arch] = launch_variants(arch)
+        _VARIANTS[arch] = [v for v in launch_variants(arch) if not kernels or v.kernel in kernels]
     tasks = [(arch, i) for arch in archs for i in range(len(_VARIANTS[arch]))]
     if jobs <= 1:
         return [_compile_task(t) for t in tasks]
@@ -318,9 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     ap.add_argument("--json", help="write one record per variant and architecture to this file")
+    ap.add_argument("--kernel", nargs="+", default=[], help="compile only these kernels, e.g. _matmul_kernel")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    builds = build_all(tuple(args.arch), jobs=args.jobs)
+    builds = build_all(tuple(args.arch), jobs=args.jobs, kernels=tuple(args.kernel))
+    if not builds:
+        raise SystemExit(f"no variant of {args.kernel}: the kernels are named like _matmul_kernel")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(b) | {"problems": problems(b)} for b in builds], f, indent=1)

@@ -110,3 +110,20 @@ def test_tiles_follow_the_device_capability(monkeypatch):
     assert _utils.tile_config(cuda, torch.bfloat16)["BLOCK_V"] == 256
     assert _utils.gpu_arch(torch.device("cpu")) is None
     assert _utils.tile_config(torch.device("cpu"), torch.float32)["BLOCK_V"] == 256
+
+
+@pytest.mark.gpu
+def test_gpu_loaded_variants_do_not_spill():
+    """The compile check's twin on a GPU: after the same option sweep runs for real, every variant the driver
+    loaded has no spill and fits the device's shared memory."""
+    import itertools
+
+    import torch
+
+    assert not _utils.interpreting(), "run GPU tests with TRITON_INTERPRET=0"
+    for (_, dtype), shape in itertools.product(aot.DTYPES.items(), aot.SHAPES.values()):
+        collections.deque(aot.option_runs(dtype, shape, device="cuda"), maxlen=0)
+    torch.cuda.synchronize()
+    rows = aot.loaded_kernels()
+    assert {r["kernel"] for r in rows} == defined_kernels()
+    assert not [r for r in rows if r["spill_bytes"]], [r for r in rows if r["spill_bytes"]]
