@@ -20,8 +20,9 @@ IMPLS = ("triton", "chunked", "torch")
 LAUNCHES: collections.Counter[str] = collections.Counter()
 
 # Byte budget of the [rows, V] fp32 buffer that the chunked and triton paths hold at once, per device type.
-# CUDA: 1 GiB (~1700 rows at V=151936) keeps the gradient GEMMs long in K, so the fp32 weight-gradient
-# accumulator is read and written only ~10 times at N=16384, while the buffer stays ~1/10 of eager's logits.
+# CUDA: 1 GiB (1664 rows at V=151936). Each chunk reads and writes the fp32 weight gradient once; the roofline
+# model (bench/roofline.py --sweep) puts the knee there: below it that traffic outweighs the gradient GEMM (0.5 GiB
+# is predicted 24 % slower on an H100), above it nothing is gained, while the buffer stays ~1/9 of eager's logits.
 # CPU: 16 MiB chunks stay cache-friendly and keep the peak far below eager's.
 DEFAULT_CHUNK_BYTES = {"cuda": 2**30, "cpu": 16 * 2**20}
 
