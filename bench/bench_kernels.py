@@ -31,8 +31,7 @@ import torch
 from _results import append_csv, device_label, git_commit, results_dir
 
 from rarl_kernels import FusedLinearGRPOLoss
-from rarl_kernels.grpo_loss import grpo_loss_ref
-from rarl_kernels.linear_logprobs import fused_linear_logprobs_ref
+from rarl_kernels.reference import fused_linear_logprobs_ref, grpo_loss_ref
 
 # name: (B, T, H, V, dtype); N = B * T tokens.
 SHAPES = {

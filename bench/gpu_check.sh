@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one script a session runs when a GPU is lent (see README "GPU check").
 #
-#   bash bench/gpu_check.sh             # full check, <= 5 min (+ <= 2.5 min timing SGLang where it is installed)
-#   bash bench/gpu_check.sh --quick     # <= 2 min
+#   bash bench/gpu_check.sh             # full check, <= 10 min (+ <= 2.5 min timing SGLang where it is installed)
+#   bash bench/gpu_check.sh --quick     # <= 8 min: GPU tests (bf16, V=151936), kernels at 3B/7B, compile twin, step
 #   bash bench/gpu_check.sh --dry-run   # every part at toy size on the CPU (tests run this)
 #
 # On the GPU machine (Python 3.12, torch, triton, transformers; no network) it installs this project with
@@ -143,23 +143,33 @@ part_kernels_7b() {
   fi
 }
 
+# The compile report's twin: the driver's registers / spills / shared memory of every kernel variant the ops load
+# on this GPU, beside the ahead-of-time compile for its tile family (dry run: one kernel compiled, no file).
+part_kernel_report() {
+  if [ "$DRY" = 1 ]; then env -u TRITON_INTERPRET "$PY" -m rarl_kernels.aot --arch 90 --jobs 2 --kernel _grpo_loss_fwd_kernel
+  else "$PY" bench/kernel_report.py --device cuda
+  fi
+}
+
 part_step_bench() {
   if [ "$DRY" = 1 ]; then "$PY" bench/bench_step.py --model tiny --device cpu --providers ours,torch --reps 1 --new-tokens 8
-  else "$PY" bench/bench_step.py --model qwen2.5-vl-3b --device cuda --layers 4 --reps 1 --new-tokens 32
+  else "$PY" bench/bench_step.py --model qwen2.5-vl-3b --device cuda --layers 4 --providers ours,torch --reps 1 --new-tokens 32
   fi
 }
 
 export DRY QUICK PY OUT_DIR SLUG
-export -f part_env part_install part_gpu_tests part_smoke part_rollout_bench part_kernels_3b part_kernels_7b part_step_bench
+export -f part_env part_install part_gpu_tests part_smoke part_rollout_bench part_kernels_3b part_kernels_7b \
+  part_kernel_report part_step_bench
 export -f part_rollout_sglang
 
-# Time budgets (seconds) per part; each is a cap enforced by `timeout`. Full <= 5 min, --quick <= 2 min.
+# Time budgets (seconds) per part; each is a cap enforced by `timeout`. Full <= 10 min, --quick <= 8 min. The GPU
+# tests come first: they compile every kernel variant into triton's cache, which the later parts then reuse.
 if [ "$DRY" = 1 ]; then
-  B_ENV=30; B_INSTALL=30; B_TESTS=60; B_SMOKE=60; B_ROLLOUT=150; B_K3=60; B_K7=60; B_STEP=150
+  B_ENV=30; B_INSTALL=30; B_TESTS=60; B_SMOKE=60; B_ROLLOUT=150; B_K3=60; B_K7=60; B_REPORT=60; B_STEP=150
 elif [ "$QUICK" = 1 ]; then
-  B_ENV=10; B_INSTALL=20; B_TESTS=25; B_SMOKE=15; B_ROLLOUT=20; B_K3=30; B_K7=0; B_STEP=0
+  B_ENV=10; B_INSTALL=25; B_TESTS=120; B_SMOKE=15; B_ROLLOUT=20; B_K3=60; B_K7=40; B_REPORT=40; B_STEP=140
 else
-  B_ENV=10; B_INSTALL=25; B_TESTS=40; B_SMOKE=15; B_ROLLOUT=40; B_K3=80; B_K7=35; B_STEP=55
+  B_ENV=10; B_INSTALL=25; B_TESTS=120; B_SMOKE=15; B_ROLLOUT=40; B_K3=110; B_K7=45; B_REPORT=40; B_STEP=150
 fi
 # SGLang's part runs only where sglang is installed (engine start-up is most of it); it adds to the totals above.
 B_SGL=$([ "$QUICK" = 1 ] && echo 0 || echo 150)
@@ -172,8 +182,9 @@ run_part smoke "$B_SMOKE" part_smoke
 run_part rollout-bench "$B_ROLLOUT" part_rollout_bench
 if [ "$B_SGL" -gt 0 ]; then run_part rollout-sglang "$B_SGL" part_rollout_sglang; fi
 run_part kernels-3b "$B_K3" part_kernels_3b
-if [ "$B_K7" -gt 0 ]; then run_part kernels-7b "$B_K7" part_kernels_7b; fi
-if [ "$B_STEP" -gt 0 ]; then run_part step-bench "$B_STEP" part_step_bench; fi
+run_part kernels-7b "$B_K7" part_kernels_7b
+run_part kernel-report "$B_REPORT" part_kernel_report
+run_part step-bench "$B_STEP" part_step_bench
 
 TOTAL=$(( $(date +%s) - START ))
 {

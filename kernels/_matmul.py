@@ -61,8 +61,8 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, accumula
     M, K = a.shape
     K2, N = b.shape
     assert K == K2 and out.shape == (M, N), (a.shape, b.shape, out.shape)
-    cfg = tile_config(a.device)
-    bm, bn, bk = fit_block(cfg["BLOCK_M"], M), fit_block(cfg["BLOCK_MN"], N), fit_block(cfg["BLOCK_K"], K)
+    cfg = tile_config(a.device, b.dtype)
+    bm, bn, bk = fit_block(cfg["BLOCK_M"], M, cfg["MIN_M"]), fit_block(cfg["BLOCK_MN"], N), fit_block(cfg["BLOCK_K"], K)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     launch(
         "matmul", _matmul_kernel, grid,
@@ -70,6 +70,6 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, accumula
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         ACCUMULATE=accumulate, **dot_flags(b.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["gemm_warps"], num_stages=cfg["gemm_stages"],
     )  # fmt: skip
     return out

@@ -19,10 +19,13 @@ Work memory: the chunk buffer + an fp32 [V, H] weight-gradient accumulator + [ro
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
+from rarl_kernels._lm_head import chunk_logits, contract_dlogits, contract_dlogits_torch, logit_tile
 from rarl_kernels._utils import (
     chunk_rows,
     dot_flags,
@@ -30,31 +33,31 @@ from rarl_kernels._utils import (
     kernel_out_dtype,
     launch,
     resolve_impl,
+    row_buffer,
     tile_config,
 )
-from rarl_kernels.grpo_loss import (
-    LOSS_TYPES,
-    grpo_metrics,
-    grpo_token,
-    grpo_token_loss_ref,
-    grpo_token_torch,
-    per_token_inputs,
-    token_weights,
-)
-from rarl_kernels.linear_logprobs import (
-    _chunk_logits,
-    _logit_tile,
-    contract_dlogits,
-    contract_dlogits_torch,
-    fused_linear_logprobs,
-    fused_linear_logprobs_ref,
-)
+from rarl_kernels.aggregation import LOSS_TYPES, grpo_metrics, token_weights
+from rarl_kernels.grpo_loss import TokenOperands, TokenParams, grpo_token, grpo_token_torch, per_token_inputs
+from rarl_kernels.linear_logprobs import fused_linear_logprobs
+from rarl_kernels.reference import fused_linear_grpo_loss_ref
 
 # Rows of the per-token output block written by `_grpo_rows_kernel`.
 STATS = ("logp", "lse", "entropy", "loss", "kl", "ratio", "clipped", "coef")
 
 
-@triton.jit
+class FusedOptions(NamedTuple):
+    """The scalar settings of one fused call."""
+
+    token: TokenParams
+    """clip bounds, KL weight and bias correction of the token math"""
+    temperature: float
+    """logits are divided by it before the softmax"""
+    entropy: bool
+    """compute the policy entropy (the chunked torch path spends a pass on it; the Triton path gets it free)"""
+
+
+# The row count only bounds masks across rows: not specialized on (no recompile per chunk length).
+@triton.jit(do_not_specialize=["N"])
 def _logits_partials_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, z_ptr, pm_ptr, ps_ptr, pu_ptr, zl_ptr,
     N, V, H, s_hn, s_hh, s_wv, s_wh, s_zn, s_pn, inv_t,
@@ -64,7 +67,7 @@ def _logits_partials_kernel(
     pid_v = tl.program_id(1)
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, s_hn, s_hh, s_wv, s_wh, inv_t,
+    z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, s_hn, s_hh, s_wv, s_wh, inv_t,
                     HAS_BIAS, DOT_F32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
     rmask = rows < N
     cmask = cols < V
@@ -81,7 +84,8 @@ def _logits_partials_kernel(
     tl.store(zl_ptr + rows, z_label, mask=rmask & in_tile)
 
 
-@triton.jit
+# Row count and vocabulary size only bound masks and label checks here: not specialized on.
+@triton.jit(do_not_specialize=["N", "V"])
 def _grpo_rows_kernel(
     pm_ptr, ps_ptr, pu_ptr, zl_ptr, y_ptr, old_ptr, ref_ptr, adv_ptr, isw_ptr, wt_ptr, st_ptr,
     N, V, NVB, s_pn, s_st, lo, hi, beta,
@@ -135,7 +139,8 @@ def _grpo_rows_kernel(
     tl.store(st_ptr + 7 * s_st + rows, coef, mask=rmask)
 
 
-@triton.jit
+# The row count only bounds masks across rows: not specialized on (no recompile per chunk length).
+@triton.jit(do_not_specialize=["N"])
 def _grpo_dz_kernel(z_ptr, y_ptr, lse_ptr, coef_ptr, N, V, s_zn, inv_t, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -150,45 +155,45 @@ def _grpo_dz_kernel(z_ptr, y_ptr, lse_ptr, coef_ptr, N, V, s_zn, inv_t, BLOCK_N:
     tl.store(ptrs, dz * inv_t, mask=mask)
 
 
-def fused_grpo_chunks_triton(hidden, weight, bias, labels, tok, needs, opts, chunk_bytes):
-    """hidden [N,H], weight [V,H], labels [N]; tok: dict of flat fp32 [N] per-token operands (weight, adv,
-    old, ref, isw; None where absent); needs: which of (hidden, weight, bias) get a gradient; opts:
-    temperature, lo, hi, beta, bias_corr, entropy. Returns stats [len(STATS), N] fp32 and (grad_h, grad_w, grad_b).
+def fused_grpo_chunks_triton(hidden, weight, bias, labels, tok: TokenOperands, needs, opts: FusedOptions, chunk_bytes):
+    """hidden [N,H], weight [V,H], labels [N]; tok: the per-token operands, `weight` included; needs: which of
+    (hidden, weight, bias) get a gradient. Returns stats [len(STATS), N] fp32 and (grad_h, grad_w, grad_b).
     The entropy comes free from the partials here, so it is always computed."""
-    temperature, lo, hi, beta = opts["temperature"], opts["lo"], opts["hi"], opts["beta"]
+    p = opts.token
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    cfg = tile_config(dev)
-    bn, bv = fit_block(cfg["BLOCK_N"], N), cfg["BLOCK_V"]
+    cfg = tile_config(dev, hidden.dtype)
+    bn, bv = fit_block(cfg["BLOCK_N"], N, cfg["MIN_M"]), cfg["BLOCK_V"]
     rows = chunk_rows(N, V, chunk_bytes, multiple=bn, device=dev)
     nvb = triton.cdiv(V, bv)
-    z = torch.empty(rows, V, device=dev, dtype=torch.float32)
+    z = row_buffer(rows, V, device=dev, dtype=torch.float32)
     part = torch.empty(3, rows, nvb, device=dev, dtype=torch.float32)
     z_label = torch.zeros(N, device=dev, dtype=torch.float32)
     stats = torch.empty(len(STATS), N, device=dev, dtype=torch.float32)
     gh = torch.empty(N, H, device=dev, dtype=kernel_out_dtype(hidden.dtype)) if needs[0] else None
     gw = torch.empty(V, H, device=dev, dtype=torch.float32) if needs[1] else None
     gb = torch.zeros(V, device=dev, dtype=torch.float32) if needs[2] else None
-    inv_t = 1.0 / temperature
-    alias = lambda name, r0, r1: tok[name][r0:r1] if tok[name] is not None else z_label[r0:r1]
+    inv_t = 1.0 / opts.temperature
+    has_kl = tok.ref is not None and p.beta != 0.0  # BIAS_CORR only with it: one compiled variant less
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         n, h_c, z_c, st = r1 - r0, hidden[r0:r1], z[: r1 - r0], stats[:, r0:r1]
+        # absent operands alias z_label (never read: their constexpr flag is off)
+        t = TokenOperands(*(z_label[r0:r1] if x is None else x for x in tok.rows(r0, r1)))
         launch(
             "grpo_logits_partials", _logits_partials_kernel, (triton.cdiv(n, bn), nvb),
             h_c, weight, bias if bias is not None else h_c, labels[r0:r1], z_c, part[0], part[1], part[2],
             z_label[r0:r1], n, V, H, *h_c.stride(), *weight.stride(), z_c.stride(0), part.stride(1), inv_t,
             HAS_BIAS=bias is not None, **dot_flags(hidden.dtype),
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"],
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
         launch(
-            "grpo_rows", _grpo_rows_kernel, (triton.cdiv(n, bn),),
-            part[0], part[1], part[2], z_label[r0:r1], labels[r0:r1], *(alias(k, r0, r1) for k in ("old", "ref")),
-            alias("adv", r0, r1), alias("isw", r0, r1), alias("weight", r0, r1), st,
-            n, V, nvb, part.stride(1), st.stride(0), lo, hi, beta,
-            HAS_OLD=tok["old"] is not None, HAS_KL=tok["ref"] is not None and beta != 0.0,
-            HAS_ISW=tok["isw"] is not None, BIAS_CORR=opts["bias_corr"], BLOCK_N=bn, BLOCK_P=64, num_warps=4,
+            "grpo_rows", _grpo_rows_kernel, (triton.cdiv(n, cfg["BLOCK_R"]),),
+            part[0], part[1], part[2], z_label[r0:r1], labels[r0:r1], t.old, t.ref, t.adv, t.isw, t.weight, st,
+            n, V, nvb, part.stride(1), st.stride(0), p.lo, p.hi, p.beta,
+            HAS_OLD=tok.old is not None, HAS_KL=has_kl, HAS_ISW=tok.isw is not None, BIAS_CORR=has_kl and p.bias_corr,
+            BLOCK_N=cfg["BLOCK_R"], BLOCK_P=cfg["BLOCK_P"], num_warps=cfg["rows_warps"],
         )  # fmt: skip
         if not any(needs):
             continue
@@ -209,10 +214,9 @@ def _cast_grads(gh, gw, gb, hidden, weight, bias):
     )
 
 
-def fused_grpo_chunks_torch(hidden, weight, bias, labels, tok, needs, opts, chunk_bytes):
-    """Plain-torch twin of `fused_grpo_chunks_triton` (same outputs; entropy only if opts["entropy"], it
+def fused_grpo_chunks_torch(hidden, weight, bias, labels, tok: TokenOperands, needs, opts: FusedOptions, chunk_bytes):
+    """Plain-torch twin of `fused_grpo_chunks_triton` (same outputs; entropy only if opts.entropy, it
     costs two passes over each chunk), memory O(rows * V)."""
-    temperature, lo, hi, beta = opts["temperature"], opts["lo"], opts["hi"], opts["beta"]
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -221,25 +225,22 @@ def fused_grpo_chunks_torch(hidden, weight, bias, labels, tok, needs, opts, chun
     gh = torch.empty_like(hidden) if needs[0] else None
     gw = torch.zeros(V, H, device=dev, dtype=torch.float32) if needs[1] else None
     gb = torch.zeros(V, device=dev, dtype=torch.float32) if needs[2] else None
-    inv_t = 1.0 / temperature
+    inv_t = 1.0 / opts.temperature
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         h_c, y = hidden[r0:r1], labels[r0:r1]
-        part = {k: (t[r0:r1] if t is not None else None) for k, t in tok.items()}
-        z = _chunk_logits(h_c, weight, bias, inv_t)
+        part = tok.rows(r0, r1)
+        z = chunk_logits(h_c, weight, bias, inv_t)
         m = z.amax(-1)
         z.sub_(m[:, None])  # z - m, then log p = (z - m) - log-sum: exact for the top tokens (see linear_logprobs)
         log_sum = torch.logsumexp(z, dim=-1)
         lse = m + log_sum
         valid = (y >= 0) & (y < V)
         logp = torch.where(valid, z.gather(1, y.clamp(0, V - 1)[:, None]).squeeze(1) - log_sum, 0.0)
-        ref = part["ref"] if beta != 0.0 else None
-        loss, dlogp, kl, ratio, clipped = grpo_token_torch(
-            logp, part["old"], ref, part["adv"], part["isw"], lo, hi, beta, opts["bias_corr"]
-        )
-        coef = torch.where(valid, part["weight"] * dlogp, 0.0)
+        loss, dlogp, kl, ratio, clipped = grpo_token_torch(logp, part, opts.token)
+        coef = torch.where(valid, part.weight * dlogp, 0.0)
         logprobs = z.sub_(log_sum[:, None])
-        if opts["entropy"]:
+        if opts.entropy:
             p = logprobs.exp()
             entropy = -torch.mul(p, logprobs, out=logprobs).sum(-1)
         else:
@@ -256,7 +257,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, tok, needs, opts, impl, chunk_bytes):
         run = fused_grpo_chunks_triton if impl == "triton" else fused_grpo_chunks_torch
         stats, grads = run(hidden, weight, bias, labels, tok, needs, opts, chunk_bytes)
-        loss = (stats[STATS.index("loss")] * tok["weight"]).sum()
+        loss = (stats[STATS.index("loss")] * tok.weight).sum()
         ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(stats)
         return loss, stats
@@ -265,29 +266,6 @@ class _FusedLinearGRPO(torch.autograd.Function):
     def backward(ctx, g_loss, _):
         scaled = [None if t is None else t * g_loss.to(t.dtype) for t in ctx.saved_tensors]
         return scaled[0], scaled[1], scaled[2], *([None] * 6)
-
-
-def fused_linear_grpo_loss_ref(hidden, weight, labels, mask, advantages, *, bias=None, logp_old=None, logp_ref=None,
-                               ref_hidden=None, ref_weight=None, ref_bias=None, is_ratio=None, eps_low=0.2,
-                               eps_high=0.2, beta=0.04, loss_type="dapo", max_completion_length=None,
-                               num_items_in_batch=None, world_size=None, temperature=1.0, compute_entropy=True,
-                               bias_correction_kl=False, upcast=False):  # fmt: skip
-    """Plain-torch reference of `fused_linear_grpo_loss`: materialized [B, T, V] logits, autograd throughout."""
-    if logp_ref is None and ref_hidden is not None and beta != 0.0:
-        with torch.no_grad():
-            logp_ref = fused_linear_logprobs_ref(ref_hidden, ref_weight, labels, temperature=temperature,
-                                                 bias=ref_bias, upcast=upcast)  # fmt: skip
-    logp, entropy = fused_linear_logprobs_ref(hidden, weight, labels, temperature=temperature, bias=bias,
-                                              return_entropy=True, upcast=upcast)  # fmt: skip
-    if is_ratio is not None:
-        is_ratio = is_ratio.reshape(is_ratio.shape[0], -1)
-    loss_mat, kl, ratio, clipped = grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, eps_low=eps_low,
-                                                       eps_high=eps_high, beta=beta, is_ratio=is_ratio,
-                                                       bias_correction_kl=bias_correction_kl)  # fmt: skip
-    w = token_weights(mask, loss_type, max_completion_length=max_completion_length,
-                      num_items_in_batch=num_items_in_batch, world_size=world_size)  # fmt: skip
-    entropy = entropy.detach() if compute_entropy else None
-    return (loss_mat * w).sum(), grpo_metrics(mask, kl, ratio, clipped, beta, entropy)
 
 
 def fused_linear_grpo_loss(
@@ -345,16 +323,16 @@ def fused_linear_grpo_loss(
     B, T, H = hidden.shape
     h2 = hidden.reshape(B * T, H)
     w = weight if weight.dtype == h2.dtype else weight.to(h2.dtype)
-    old, ref, adv, isw = per_token_inputs(logp_old, logp_ref, advantages, is_ratio, (B, T), beta)
     tok_w = token_weights(mask, loss_type, max_completion_length=max_completion_length,
                           num_items_in_batch=num_items_in_batch, world_size=world_size)  # fmt: skip
-    tok = dict(weight=tok_w.reshape(-1).contiguous(), adv=adv, old=old, ref=ref, isw=isw)
+    tok = per_token_inputs(logp_old, logp_ref, advantages, is_ratio, (B, T), beta)
+    tok = tok._replace(weight=tok_w.reshape(-1).contiguous())
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)  # fmt: skip
     y = labels.reshape(-1).long().contiguous()
-    opts = dict(temperature=float(temperature), lo=1 - eps_low, hi=1 + eps_high, beta=beta, entropy=compute_entropy,
-                bias_corr=bool(bias_correction_kl))  # fmt: skip
+    token = TokenParams(lo=1 - eps_low, hi=1 + eps_high, beta=beta, bias_corr=bool(bias_correction_kl))
+    opts = FusedOptions(token, temperature=float(temperature), entropy=compute_entropy)
     loss, stats = _FusedLinearGRPO.apply(h2, w, bias, y, tok, needs, opts, impl, chunk_bytes)
     st = {k: stats[i].view(B, T) for i, k in enumerate(STATS)}
     entropy = st["entropy"] if compute_entropy else None

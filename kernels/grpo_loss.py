@@ -1,6 +1,6 @@
-"""GRPO per-token loss on [B, T] log-probs (clipped surrogate + k3 KL) and its aggregations.
+"""GRPO per-token loss on [B, T] log-probs (clipped surrogate + k3 KL), aggregated to the scalar loss.
 
-Per token (METHOD.md section 4, Liger's semantics):
+Per token (docs/method.md section 4, Liger's semantics):
     ratio = exp(logp - logp_old)            (logp_old None: logp.detach(), so ratio = 1 with gradient)
     pg    = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) * is_ratio
     k3    = exp(logp_ref - logp) - (logp_ref - logp) - 1      (only when beta != 0; 0 without a reference)
@@ -8,7 +8,7 @@ Per token (METHOD.md section 4, Liger's semantics):
     l     = pg + beta * kl
 With bias_correction_kl the ratio is Liger's exp(logp - logp_old) (not clipped, not detached: it carries
 gradient even on-policy, where its value is 1), and the KL metric is the mean of the corrected kl, as Liger's.
-The loss is `aggregate(l, mask, loss_type)`: a weighted sum with per-token weights from `token_weights`.
+The loss is `aggregate(l, mask, loss_type)` (aggregation.py): a weighted sum with per-token weights.
 The per-token loss and its derivative d l / d logp (d pg/d ratio = -A where the unclipped branch is the min,
 else 0; d k3 / d logp = 1 - exp(logp_ref - logp); d (ratio * k3) / d logp = ratio * (k3 + 1 - exp(logp_ref -
 logp)) = ratio * (logp - logp_ref)) are one Triton kernel each way; aggregation is torch.
@@ -16,14 +16,47 @@ logp)) = ratio * (logp - logp_ref)) are one Triton kernel each way; aggregation 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from rarl_kernels._utils import launch, resolve_impl
-from rarl_kernels._utils import world_size as _default_world_size
+from rarl_kernels.aggregation import LOSS_TYPES, aggregate, grpo_metrics
+from rarl_kernels.reference import grpo_loss_ref
 
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+
+class TokenOperands(NamedTuple):
+    """The per-token operands of the GRPO token math: flat fp32 [N] each, None where the call has none."""
+
+    adv: torch.Tensor
+    """advantage of the token's sequence"""
+    old: torch.Tensor | None = None
+    """log-prob under the rollout policy (None: on-policy, ratio 1)"""
+    ref: torch.Tensor | None = None
+    """log-prob under the reference policy (None: no KL term)"""
+    isw: torch.Tensor | None = None
+    """rollout importance weight multiplying the clipped term"""
+    weight: torch.Tensor | None = None
+    """aggregation weight (`token_weights`), for the fused loss that sums weight * loss itself"""
+
+    def rows(self, r0: int, r1: int) -> TokenOperands:
+        """The operands of tokens r0:r1."""
+        return TokenOperands(*(None if t is None else t[r0:r1] for t in self))
+
+
+class TokenParams(NamedTuple):
+    """The scalars of the GRPO token math."""
+
+    lo: float
+    """lower clip bound of the ratio, 1 - eps_low"""
+    hi: float
+    """upper clip bound of the ratio, 1 + eps_high"""
+    beta: float
+    """weight of the KL term"""
+    bias_corr: bool = False
+    """KL term times the ratio (Liger's use_bias_correction_kl)"""
 
 
 @triton.jit
@@ -92,63 +125,74 @@ def _grpo_loss_bwd_kernel(
     tl.store(dlogp_ptr + offs, tl.load(g_ptr + offs, mask=m, other=0.0) * dlogp, mask=m)
 
 
-def _kernel_args(logp, old, ref, adv, isw):
+def _kernel_args(logp, tok: TokenOperands):
     """Flat fp32 [N] operands; absent ones alias logp (old: ratio = 1; ref/isw: unused by the constexprs)."""
     flat = logp.reshape(-1)
-    return [flat if t is None else t for t in (old, ref, adv, isw)]
+    return [flat if t is None else t for t in (tok.old, tok.ref, tok.adv, tok.isw)]
 
 
-def grpo_token_fwd_triton(logp, old, ref, adv, isw, lo, hi, beta, bias_corr=False):
-    """All [N] fp32 contiguous (None allowed except logp/adv) -> loss, kl, ratio, clipped: [N] fp32 each."""
+def _flags(tok: TokenOperands, p: TokenParams) -> dict[str, bool]:
+    """The constexpr switches; BIAS_CORR only with a KL term (otherwise it changes nothing: one compiled variant)."""
+    has_kl = tok.ref is not None and p.beta != 0.0
+    return dict(HAS_KL=has_kl, HAS_ISW=tok.isw is not None, BIAS_CORR=has_kl and p.bias_corr)
+
+
+def grpo_token_fwd_triton(logp, tok: TokenOperands, p: TokenParams):
+    """logp and the operands [N] fp32 contiguous -> loss, kl, ratio, clipped: [N] fp32 each."""
     N = logp.numel()
     outs = [torch.empty_like(logp) for _ in range(4)]
     block = 1024
     launch(
         "grpo_loss_fwd", _grpo_loss_fwd_kernel, (triton.cdiv(N, block),),
-        logp, *_kernel_args(logp, old, ref, adv, isw), *outs, N, lo, hi, beta,
-        HAS_KL=ref is not None and beta != 0.0, HAS_ISW=isw is not None, BIAS_CORR=bias_corr, BLOCK=block,
+        logp, *_kernel_args(logp, tok), *outs, N, p.lo, p.hi, p.beta, **_flags(tok, p), BLOCK=block,
     )  # fmt: skip
     return outs
 
 
+def grpo_token_bwd_triton(g_loss, logp, tok: TokenOperands, p: TokenParams):
+    """g_loss [N] fp32 -> g_loss * d loss / d logp [N] fp32."""
+    dlogp = torch.empty_like(logp)
+    N, block = logp.numel(), 1024
+    launch(
+        "grpo_loss_bwd", _grpo_loss_bwd_kernel, (triton.cdiv(N, block),),
+        g_loss.contiguous(), logp, *_kernel_args(logp, tok), dlogp, N, p.lo, p.hi, p.beta, **_flags(tok, p),
+        BLOCK=block,
+    )  # fmt: skip
+    return dlogp
+
+
 class _GRPOTokenLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old, ref, adv, isw, lo, hi, beta, bias_corr):
-        loss, kl, ratio, clipped = grpo_token_fwd_triton(logp, old, ref, adv, isw, lo, hi, beta, bias_corr)
-        ctx.save_for_backward(logp, old, ref, adv, isw)
-        ctx.params = (lo, hi, beta, bias_corr)
+    def forward(ctx, logp, tok, p):
+        loss, kl, ratio, clipped = grpo_token_fwd_triton(logp, tok, p)
+        ctx.save_for_backward(logp)
+        ctx.tok, ctx.p = tok, p  # detached operands: no gradient flows to them
         ctx.mark_non_differentiable(kl, ratio, clipped)
         return loss, kl, ratio, clipped
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        logp, old, ref, adv, isw = ctx.saved_tensors
-        lo, hi, beta, bias_corr = ctx.params
-        dlogp = torch.empty_like(logp)
-        N, block = logp.numel(), 1024
-        launch(
-            "grpo_loss_bwd", _grpo_loss_bwd_kernel, (triton.cdiv(N, block),),
-            g_loss.contiguous(), logp, *_kernel_args(logp, old, ref, adv, isw), dlogp, N, lo, hi, beta,
-            HAS_KL=ref is not None and beta != 0.0, HAS_ISW=isw is not None, BIAS_CORR=bias_corr, BLOCK=block,
-        )  # fmt: skip
-        return dlogp, *([None] * 8)
+        (logp,) = ctx.saved_tensors
+        return grpo_token_bwd_triton(g_loss, logp, ctx.tok, ctx.p), None, None
 
 
-def grpo_token_torch(logp, old, ref, adv, isw, lo, hi, beta, bias_corr=False):
+def grpo_token_torch(logp, tok: TokenOperands, p: TokenParams):
     """torch twin of the `grpo_token` Triton helper (no autograd): loss, dlogp, kl, ratio, clipped."""
-    ratio = torch.exp(logp - (logp if old is None else old))
+    lo, hi, beta = p.lo, p.hi, p.beta
+    adv = tok.adv
+    ratio = torch.exp(logp - (logp if tok.old is None else tok.old))
     l1 = ratio * adv
     l2 = ratio.clamp(lo, hi) * adv
     loss = -torch.minimum(l1, l2)
     dlogp = torch.where(l1 <= l2, -adv * ratio, 0.0)
-    if isw is not None:
-        loss, dlogp = loss * isw, dlogp * isw
+    if tok.isw is not None:
+        loss, dlogp = loss * tok.isw, dlogp * tok.isw
     kl = torch.zeros_like(logp)
-    if ref is not None and beta != 0.0:
-        d = ref - logp
+    if tok.ref is not None and beta != 0.0:
+        d = tok.ref - logp
         ed = d.exp()
         kl = ed - d - 1.0
-        if bias_corr:
+        if p.bias_corr:
             kl, dlogp = kl * ratio, dlogp + beta * (-d * ratio)
         else:
             dlogp = dlogp + beta * (1.0 - ed)
@@ -157,95 +201,14 @@ def grpo_token_torch(logp, old, ref, adv, isw, lo, hi, beta, bias_corr=False):
     return loss, dlogp, kl, ratio, clipped
 
 
-def grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, *, eps_low, eps_high, beta, is_ratio=None,
-                        bias_correction_kl=False):  # fmt: skip
-    """Plain-torch per-token loss with autograd, written like Liger's: [B,T] each -> (loss, kl, ratio, clipped)."""
-    old = logp.detach() if logp_old is None else logp_old.float()
-    ratio = torch.exp(logp - old)
-    adv = advantages.float()[:, None]
-    lo, hi = 1 - eps_low, 1 + eps_high
-    loss = -torch.min(ratio * adv, torch.clamp(ratio, lo, hi) * adv)
-    if is_ratio is not None:
-        loss = loss * is_ratio
-    kl = torch.zeros_like(logp).detach()
-    if beta != 0.0:
-        ref = logp.detach() if logp_ref is None else logp_ref.float()
-        kl = torch.exp(ref - logp) - (ref - logp) - 1.0
-        if bias_correction_kl:
-            kl = kl * ratio  # the ratio with its gradient, as Liger's `kl_div * torch.exp(log_importance_weights)`
-        loss = loss + beta * kl
-    clipped = ((ratio < lo) & (adv < 0)) | ((ratio > hi) & (adv > 0))
-    return loss, kl.detach(), ratio.detach(), clipped.float()
-
-
-def token_weights(mask, loss_type, *, max_completion_length=None, num_items_in_batch=None, world_size=None):
-    """[B, T] fp32 weights w such that loss = sum(w * l) (Liger's aggregations; no host sync).
-
-    grpo: mask / (clamp(row count, 1) * B); bnpo: mask / clamp(total count, 1); dapo: mask /
-    clamp(num_items_in_batch / world_size, 1), or the call's count without num_items_in_batch; dr_grpo:
-    mask / (B * max_completion_length). bnpo ignores num_items_in_batch, as Liger's does.
-    """
-    m = mask.float()
-    B = m.shape[0]
-    if loss_type == "grpo":
-        return m / (m.sum(-1, keepdim=True).clamp(min=1.0) * B)
-    if loss_type == "bnpo":
-        return m / m.sum().clamp(min=1.0)
-    if loss_type == "dapo":
-        if num_items_in_batch is None:
-            return m / m.sum().clamp(min=1.0)
-        ws = world_size if world_size is not None else _default_world_size()
-        n = torch.as_tensor(num_items_in_batch, device=m.device, dtype=torch.float32)
-        return m / (n / ws).clamp(min=1.0)
-    if loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
-        return m / float(B * max_completion_length)
-    raise NotImplementedError(f"loss_type={loss_type!r} is not supported (supported: {LOSS_TYPES})")
-
-
-def aggregate(loss_mat, mask, mode, *, max_completion_length=None, num_items_in_batch=None, world_size=None):
-    """Scalar loss from per-token losses [B, T] and mask [B, T] (see `token_weights` for the modes)."""
-    w = token_weights(mask, mode, max_completion_length=max_completion_length,
-                      num_items_in_batch=num_items_in_batch, world_size=world_size)  # fmt: skip
-    return (loss_mat * w).sum()
-
-
-def grpo_metrics(mask, kl, ratio, clipped, beta, entropy=None) -> dict[str, torch.Tensor]:
-    """Masked means over all tokens of the call, as Liger defines its metrics (tensors, no .item())."""
-    m = mask.float()
-    n = m.sum().clamp(min=1.0)
-    out = {}
-    if beta != 0.0:
-        out["kl_mean"] = (kl * m).sum() / n
-    out["clip_ratio"] = (clipped * m).sum() / n
-    out["ratio_mean"] = (ratio * m).sum() / n
-    if entropy is not None:
-        out["entropy_mean"] = (entropy * m).sum() / n
-    return out
-
-
-def per_token_inputs(logp_old, logp_ref, advantages, is_ratio, shape, beta):
-    """Flat fp32 [B*T] per-token operands (advantages and is_ratio broadcast over T); None stays None."""
+def per_token_inputs(logp_old, logp_ref, advantages, is_ratio, shape, beta) -> TokenOperands:
+    """Flat fp32 [B*T] per-token operands (advantages and is_ratio broadcast over T); None stays None, and the
+    reference is dropped when beta == 0."""
     B, T = shape
     flat = lambda t: None if t is None else t.detach().float().expand(B, T).reshape(-1).contiguous()
     adv = flat(advantages.reshape(B, 1))
     isw = None if is_ratio is None else flat(is_ratio.reshape(B, -1))
-    return flat(logp_old), flat(logp_ref) if beta != 0.0 else None, adv, isw
-
-
-def grpo_loss_ref(logp, logp_old, logp_ref, advantages, mask, *, eps_low=0.2, eps_high=0.2, beta=0.04,
-                  loss_type="dapo", max_completion_length=None, num_items_in_batch=None, is_ratio=None,
-                  world_size=None, bias_correction_kl=False):  # fmt: skip
-    """Plain-torch reference of `grpo_loss` (autograd through torch.min/clamp, as Liger computes it)."""
-    if is_ratio is not None and is_ratio.dim() == 1:
-        is_ratio = is_ratio[:, None]
-    loss_mat, kl, ratio, clipped = grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, eps_low=eps_low,
-                                                       eps_high=eps_high, beta=beta, is_ratio=is_ratio,
-                                                       bias_correction_kl=bias_correction_kl)  # fmt: skip
-    loss = aggregate(loss_mat, mask, loss_type, max_completion_length=max_completion_length,
-                     num_items_in_batch=num_items_in_batch, world_size=world_size)  # fmt: skip
-    return loss, grpo_metrics(mask, kl, ratio, clipped, beta)
+    return TokenOperands(adv=adv, old=flat(logp_old), ref=flat(logp_ref) if beta != 0.0 else None, isw=isw)
 
 
 def grpo_loss(
@@ -283,10 +246,10 @@ def grpo_loss(
             bias_correction_kl=bias_correction_kl,
         )  # fmt: skip
     shape = logp.shape
-    old, ref, adv, isw = per_token_inputs(logp_old, logp_ref, advantages, is_ratio, shape, beta)
+    tok = per_token_inputs(logp_old, logp_ref, advantages, is_ratio, shape, beta)
     flat = logp.float().reshape(-1).contiguous()
-    loss_tok, kl, ratio, clipped = _GRPOTokenLoss.apply(flat, old, ref, adv, isw, 1 - eps_low, 1 + eps_high, beta,
-                                                        bool(bias_correction_kl))  # fmt: skip
+    params = TokenParams(lo=1 - eps_low, hi=1 + eps_high, beta=beta, bias_corr=bool(bias_correction_kl))
+    loss_tok, kl, ratio, clipped = _GRPOTokenLoss.apply(flat, tok, params)
     loss = aggregate(loss_tok.view(shape), mask, loss_type, max_completion_length=max_completion_length,
                      num_items_in_batch=num_items_in_batch, world_size=world_size)  # fmt: skip
     return loss, grpo_metrics(mask, kl.view(shape), ratio.view(shape), clipped.view(shape), beta)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rarl_kernels._matmul import matmul_into
+from rarl_kernels._lm_head import chunk_logits, contract_dlogits, contract_dlogits_torch, logit_tile
 from rarl_kernels._utils import (
     chunk_rows,
     dot_flags,
@@ -30,35 +30,14 @@ from rarl_kernels._utils import (
     kernel_out_dtype,
     launch,
     resolve_impl,
+    row_buffer,
     tile_config,
 )
+from rarl_kernels.reference import fused_linear_logprobs_ref
 
 
-@triton.jit
-def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, s_hn, s_hh, s_wv, s_wh, inv_t,
-                HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
-    """[BLOCK_N, BLOCK_V] fp32 tile of (hidden @ weight^T + bias) / T; columns >= V come back as -inf."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    ks = tl.arange(0, BLOCK_H)
-    a_ptrs = h_ptr + rows[:, None] * s_hn + ks[None, :] * s_hh
-    b_ptrs = w_ptr + cols[:, None] * s_wv + ks[None, :] * s_wh
-    for k0 in range(0, H, BLOCK_H):
-        k_in = ks[None, :] < H - k0
-        a = tl.load(a_ptrs, mask=(rows[:, None] < N) & k_in, other=0.0)
-        b = tl.load(b_ptrs, mask=(cols[:, None] < V) & k_in, other=0.0)
-        if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_H * s_hh
-        b_ptrs += BLOCK_H * s_wh
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
-    return tl.where(cols[None, :] < V, acc * inv_t, float("-inf"))
-
-
-@triton.jit
+# The row count only bounds masks across rows: not specialized on (no recompile per chunk length).
+@triton.jit(do_not_specialize=["N"])
 def _linear_logprobs_fwd_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, logp_ptr, m_ptr, ls_ptr, ent_ptr,
     N, V, H, s_hn, s_hh, s_wv, s_wh, inv_t,
@@ -74,7 +53,7 @@ def _linear_logprobs_fwd_kernel(
     z_label = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, s_hn, s_hh, s_wv, s_wh, inv_t,
+        z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, s_hn, s_hh, s_wv, s_wh, inv_t,
                         HAS_BIAS, DOT_F32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
@@ -92,7 +71,8 @@ def _linear_logprobs_fwd_kernel(
     tl.store(ent_ptr + rows, ls - u / s, mask=rows < N)
 
 
-@triton.jit
+# The row count only bounds masks across rows: not specialized on (no recompile per chunk length).
+@triton.jit(do_not_specialize=["N"])
 def _linear_logprobs_dlogits_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, ls_ptr, ent_ptr, g_ptr, ge_ptr, dz_ptr,
     N, V, H, s_hn, s_hh, s_wv, s_wh, s_dn, inv_t,
@@ -102,7 +82,7 @@ def _linear_logprobs_dlogits_kernel(
     # Row blocks vary fastest, so the programs in flight share one weight tile in L2.
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, s_hn, s_hh, s_wv, s_wh, inv_t,
+    z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, s_hn, s_hh, s_wv, s_wh, inv_t,
                     HAS_BIAS, DOT_F32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
     rmask = rows < N
     labels = tl.load(y_ptr + rows, mask=rmask, other=-1)
@@ -129,8 +109,8 @@ def linear_logprobs_fwd_triton(hidden, weight, labels, bias, temperature: float)
     """hidden [N,H], weight [V,H], labels [N] int64, bias [V]|None -> logp, row max, log-sum (logsumexp minus the
     row max), entropy: [N] fp32 each."""
     N = hidden.shape[0]
-    cfg = dict(tile_config(hidden.device))
-    cfg["BLOCK_N"] = fit_block(cfg["BLOCK_N"], N)
+    cfg = tile_config(hidden.device, hidden.dtype)
+    cfg["BLOCK_N"] = fit_block(cfg["BLOCK_N"], N, cfg["MIN_M"])
     logp, row_max, log_sum, ent = (torch.empty(N, device=hidden.device, dtype=torch.float32) for _ in range(4))
     launch(
         "linear_logprobs_fwd", _linear_logprobs_fwd_kernel, (triton.cdiv(N, cfg["BLOCK_N"]),),
@@ -138,6 +118,7 @@ def linear_logprobs_fwd_triton(hidden, weight, labels, bias, temperature: float)
         *_common_args(hidden, weight), 1.0 / temperature,
         HAS_BIAS=bias is not None, **dot_flags(hidden.dtype),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )  # fmt: skip
     return logp, row_max, log_sum, ent
 
@@ -147,10 +128,10 @@ def linear_logprobs_bwd_triton(hidden, weight, labels, bias, temperature, row_ma
     """Gradients (hidden, weight, bias) of sum(g_logp*logp + g_ent*entropy); `needs` = which of the three."""
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = dict(tile_config(hidden.device))
-    cfg["BLOCK_N"] = fit_block(cfg["BLOCK_N"], N)
+    cfg = tile_config(hidden.device, hidden.dtype)
+    cfg["BLOCK_N"] = fit_block(cfg["BLOCK_N"], N, cfg["MIN_M"])
     rows = chunk_rows(N, V, chunk_bytes, multiple=cfg["BLOCK_N"], device=hidden.device)
-    dz = torch.empty(rows, V, device=hidden.device, dtype=kernel_out_dtype(hidden.dtype))
+    dz = row_buffer(rows, V, device=hidden.device, dtype=kernel_out_dtype(hidden.dtype))
     gh = torch.empty(N, H, device=hidden.device, dtype=kernel_out_dtype(hidden.dtype)) if needs[0] else None
     gw = torch.empty(V, H, device=hidden.device, dtype=torch.float32) if needs[1] else None
     gb = torch.zeros(V, device=hidden.device, dtype=torch.float32) if needs[2] else None
@@ -165,6 +146,7 @@ def linear_logprobs_bwd_triton(hidden, weight, labels, bias, temperature, row_ma
             *_common_args(h_c, weight), dz_c.stride(0), 1.0 / temperature,
             HAS_BIAS=bias is not None, HAS_GENT=g_ent is not None, **dot_flags(hidden.dtype),
             BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )  # fmt: skip
         contract_dlogits(dz_c, h_c, weight, gh[r0:r1] if gh is not None else None, gw, gb, accumulate=r0 > 0)
     return (
@@ -172,24 +154,6 @@ def linear_logprobs_bwd_triton(hidden, weight, labels, bias, temperature, row_ma
         gw.to(weight.dtype) if gw is not None else None,
         gb.to(bias.dtype) if gb is not None else None,
     )
-
-
-def contract_dlogits(dz, h_c, weight, gh_c, gw, gb, *, accumulate: bool) -> None:
-    """gh_c = dz @ W; gw (+)= dz^T @ h_c (fp32); gb += column sums of dz. dz [c,V], h_c [c,H], W [V,H]."""
-    if gh_c is not None:
-        matmul_into(dz, weight, gh_c)
-    if gw is not None:
-        matmul_into(dz.t(), h_c, gw, accumulate=accumulate)
-    if gb is not None:
-        gb += dz.sum(0, dtype=torch.float32)
-
-
-def _chunk_logits(h_c, weight, bias, inv_t: float) -> torch.Tensor:
-    """[c, V] fp32 logits / T for one row chunk; the matmul runs in the input dtype (as Liger and eager do)."""
-    z = (h_c @ weight.t()).float()
-    if bias is not None:
-        z += bias.float()
-    return z.mul_(inv_t)
 
 
 def linear_logprobs_fwd_chunked(hidden, weight, labels, bias, temperature: float, chunk_bytes=None, entropy=True):
@@ -200,7 +164,7 @@ def linear_logprobs_fwd_chunked(hidden, weight, labels, bias, temperature: float
     rows = chunk_rows(N, V, chunk_bytes, device=hidden.device)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        z = _chunk_logits(hidden[r0:r1], weight, bias, 1.0 / temperature)
+        z = chunk_logits(hidden[r0:r1], weight, bias, 1.0 / temperature)
         y = labels[r0:r1]
         m = z.amax(-1)
         z.sub_(m[:, None])  # z - m: exact near the top, where the probability mass is
@@ -241,7 +205,7 @@ def linear_logprobs_bwd_chunked(hidden, weight, labels, bias, temperature, row_m
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         h_c = hidden[r0:r1]
-        z = _chunk_logits(h_c, weight, bias, 1.0 / temperature)
+        z = chunk_logits(h_c, weight, bias, 1.0 / temperature)
         g_ent_c = g_ent[r0:r1] if g_ent is not None else None
         dz = dlogits_chunk_torch(z, labels[r0:r1], g_logp[r0:r1], 1.0 / temperature, row_max[r0:r1], log_sum[r0:r1],
                                  ent[r0:r1], g_ent_c)  # fmt: skip
@@ -251,20 +215,6 @@ def linear_logprobs_bwd_chunked(hidden, weight, labels, bias, temperature, row_m
         gw.to(weight.dtype) if gw is not None else None,
         gb.to(bias.dtype) if gb is not None else None,
     )
-
-
-def contract_dlogits_torch(dz, h_c, weight, gh_c, gw, gb) -> None:
-    """torch twin of `contract_dlogits` (gw, gb fp32 accumulators)."""
-    dz_lp = dz.to(weight.dtype)
-    if gh_c is not None:
-        torch.mm(dz_lp, weight, out=gh_c) if gh_c.dtype == weight.dtype else gh_c.copy_(dz_lp @ weight)
-    if gw is not None:
-        if h_c.dtype == torch.float32:
-            gw.addmm_(dz_lp.t(), h_c)
-        else:
-            gw += dz_lp.t() @ h_c
-    if gb is not None:
-        gb += dz.sum(0)
 
 
 class _LinearLogprobs(torch.autograd.Function):
@@ -290,25 +240,6 @@ class _LinearLogprobs(torch.autograd.Function):
         gh, gw, gb = bwd(hidden, weight, labels, bias, ctx.temperature, row_max, log_sum, ent, g_logp, g_ent, needs,
                          ctx.chunk_bytes)  # fmt: skip
         return gh, gw, None, gb, None, None, None, None
-
-
-def fused_linear_logprobs_ref(
-    hidden, weight, labels, *, temperature=1.0, bias=None, return_entropy=False, upcast=False
-):
-    """Plain-torch reference, materializing [N, V]. `upcast=True` does the matmul in fp32."""
-    if upcast:
-        hidden, weight = hidden.float(), weight.float()
-        bias = bias.float() if bias is not None else None
-    logits = hidden @ weight.t()
-    if bias is not None:
-        logits = logits + bias
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    V = weight.shape[0]
-    valid = (labels >= 0) & (labels < V)
-    logp = torch.where(valid, logprobs.gather(-1, labels.clamp(0, V - 1)[..., None]).squeeze(-1), 0.0)
-    if not return_entropy:
-        return logp
-    return logp, -(logprobs.exp() * logprobs).sum(-1)
 
 
 def fused_linear_logprobs(

@@ -28,7 +28,9 @@ def test_gpu_check_dry_run(tmp_path: Path):
     assert len(files) <= 8
     assert "gpu_check_cpu-dry-run.log" in files and "gpu_check_cpu-dry-run.md" in files
     summary = (tmp_path / "gpu_check_cpu-dry-run.md").read_text()
-    for part in ("env", "install", "gpu-tests", "smoke", "rollout-bench", "kernels-3b", "kernels-7b", "step-bench"):
+    parts = ("env", "install", "gpu-tests", "smoke", "rollout-bench", "kernels-3b", "kernels-7b", "kernel-report",
+             "step-bench")  # fmt: skip
+    for part in parts:
         assert f"| {part} | ok |" in summary, summary
     smoke = (tmp_path / "gpu_smoke_cpu-dry-run.csv").read_text().splitlines()
     assert smoke[0].startswith("date,commit,device") and len(smoke) == 2

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rarl_kernels import FusedLinearGRPOLoss, _utils, fused_linear_grpo_loss, fused_linear_grpo_loss_ref
-from rarl_kernels.linear_logprobs import fused_linear_logprobs_ref
+from rarl_kernels.reference import fused_linear_logprobs_ref
 from rarl_kernels.testing import LargestTensorMode, assert_rel_close, assert_three_way, contraction_orders
 
 LOSS_TYPES = ["grpo", "bnpo", "dapo", "dr_grpo"]
