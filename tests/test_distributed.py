@@ -9,6 +9,7 @@ import contextlib
 import json
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,14 +57,29 @@ def _launch(*args: str, port: int, config: Path | None = None) -> list[str]:
             "--main_process_port", str(port)]  # fmt: skip
 
 
-def _kill_9_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and every process below it, all at once."""
+def _kill_9_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and every process below it, all at once (nothing when it has ended: its pid is no longer
+    ours)."""
     import psutil
 
-    parent = psutil.Process(pid)
-    for p in [*parent.children(recursive=True), parent]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGKILL)
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(psutil.NoSuchProcess):
+        parent = psutil.Process(proc.pid)
+        for p in [*parent.children(recursive=True), parent]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGKILL)
+
+
+def _finish_all(*procs: subprocess.Popen, timeout: float = 800) -> list[str]:
+    """The output of each process, which must succeed; on a failure or a timeout every process still running is
+    killed with its ranks, so that none outlives the test."""
+    try:
+        return [_finish(p, timeout=timeout) for p in procs]
+    except BaseException:
+        for p in procs:
+            _kill_9_tree(p)
+        raise
 
 
 def _final(out: Path) -> dict[str, torch.Tensor]:
@@ -87,7 +103,7 @@ def tied_vlm_dir(tmp_path_factory) -> Path:
 def one_process(tied_vlm_dir, tmp_path_factory) -> Path:
     """The one-process run every multi-process run is compared with: its worker output and run folder."""
     root = tmp_path_factory.mktemp("one_process")
-    _finish(_worker(root / "out", tiny_overrides(tied_vlm_dir, root, **SAME), evaluate=True))
+    _finish_all(_worker(root / "out", tiny_overrides(tied_vlm_dir, root, **SAME), evaluate=True))
     return root
 
 
@@ -99,7 +115,7 @@ def fsdp2_run(tied_vlm_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fsdp2")
     launch = _launch("--num_processes", "2", port=29527, config=FSDP2_YAML)
     overrides = tiny_overrides(tied_vlm_dir, root, **SHARDED_RUN)
-    _finish(_worker(root / "out", overrides, launch=launch, evaluate=True), timeout=800)
+    _finish_all(_worker(root / "out", overrides, launch=launch, evaluate=True))
     return root
 
 
@@ -117,7 +133,7 @@ def _check_shared_global_batch(one: Path, two: Path) -> None:
 @pytest.mark.timeout(900)
 def test_two_process_ddp_matches_one_process(one_process, tied_vlm_dir, tmp_path):
     launch = _launch("--num_processes", "2", port=29517)
-    _finish(_worker(tmp_path / "out", tiny_overrides(tied_vlm_dir, tmp_path, **SAME), launch=launch), timeout=800)
+    _finish_all(_worker(tmp_path / "out", tiny_overrides(tied_vlm_dir, tmp_path, **SAME), launch=launch))
     assert json.loads((tmp_path / "out" / "world.json").read_text())["world_size"] == 2
     _check_shared_global_batch(one_process / "out", tmp_path / "out")
     params = json.loads((tmp_path / "out" / "rank1_params.json").read_text())["params"]
@@ -180,11 +196,13 @@ def test_fsdp2_resume_after_kill_9_from_sharded_checkpoint(fsdp2_run, tied_vlm_d
     proc = _worker(tmp_path / "out", overrides, launch=launch)
     target = run / "checkpoint-0000002"  # the end of stage 1
     deadline = time.time() + 600
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert target.exists(), proc.communicate()[0][-4000:] if proc.poll() is not None else "no checkpoint in time"
-    _kill_9_tree(proc.pid)  # the launcher and both ranks (torchrun starts each rank in a session of its own)
-    proc.communicate()
+    try:
+        while not target.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        _kill_9_tree(proc)  # the launcher and both ranks (torchrun starts each rank in a session of its own)
+    output = proc.communicate()[0]
+    assert target.exists(), output[-4000:]
     done = complete_checkpoints(run)
     assert done and done[-1].name < "checkpoint-0000004" and (done[-1] / "sharded" / ".metadata").is_file()
     torn = run / "checkpoint-0000004"  # newest "complete" checkpoint, but rank 1's shard file is cut short
@@ -193,7 +211,7 @@ def test_fsdp2_resume_after_kill_9_from_sharded_checkpoint(fsdp2_run, tied_vlm_d
     shard = torn / "sharded" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
-    log = _finish(_worker(tmp_path / "out", overrides, launch=launch, resume=True), timeout=800)
+    (log,) = _finish_all(_worker(tmp_path / "out", overrides, launch=launch, resume=True))
     assert "checkpoint-0000004 is unusable: sharded/__1_0.distcp has" in log
     assert (run / "checkpoint-0000004.unusable").is_dir() and (run / "checkpoint-0000004" / "sharded").is_dir()
     assert f"resumed from {done[-1]}" in log
@@ -213,9 +231,7 @@ def test_two_launch_multi_node_matches_one_process(one_process, tied_vlm_dir, tm
     machines = ["--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
     machines += ["--fsdp_activation_checkpointing", "true", "--fsdp_reshard_after_forward", "false"]
     launches = [_launch(*machines, "--machine_rank", str(rank), port=29547, config=FSDP2_YAML) for rank in (0, 1)]
-    procs = [_worker(tmp_path / "out", overrides, launch=launch) for launch in launches]
-    for proc in procs:
-        _finish(proc, timeout=800)
+    _finish_all(*[_worker(tmp_path / "out", overrides, launch=launch) for launch in launches])
     assert json.loads((tmp_path / "out" / "world.json").read_text())["world_size"] == 2
     _check_shared_global_batch(one_process / "out", tmp_path / "out")
     rank1 = json.loads((tmp_path / "out" / "rank1_params.json").read_text())
