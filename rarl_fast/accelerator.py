@@ -1,7 +1,8 @@
 """The accelerate ``Accelerator`` of a run: devices, process group, mixed precision and trackers.
 
 ``accelerate launch`` starts the processes and owns the process group; this picks the settings that make the
-same code right on one CPU, several CPU processes (gloo) and GPUs.
+same code right on one CPU, several CPU processes (gloo) and GPUs. Sharding (FSDP2) is applied by
+:mod:`rarl_fast.sharding`, not by accelerate, which does not shard on the CPU.
 """
 
 from __future__ import annotations

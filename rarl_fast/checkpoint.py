@@ -1,15 +1,20 @@
 """Checkpoints: written to a temporary folder, completed, then renamed; ``--resume`` takes the newest usable one.
 
 A checkpoint folder ``checkpoint-<step>`` holds:
-- ``model/``: ``save_pretrained`` model + processor (loadable by transformers, servable by SGLang / vLLM);
-- ``accelerate/``: accelerate's state (prepared model, optimizer, scheduler, RNG states of every process);
+- ``model/``: ``save_pretrained`` model + processor (loadable by transformers, servable by SGLang / vLLM; gathered
+  on the main process when the policy is sharded);
+- ``accelerate/``: accelerate's state (prepared model, optimizer, scheduler, RNG states of every process; with a
+  sharded policy, the RNG states only);
+- ``sharded/`` (sharded policy only): the weights and AdamW state, each process's shards in its own file written
+  by ``torch.distributed.checkpoint``, and their index ``.metadata``;
 - ``trainer_state.json``: global step, stage and step within it, sampler state, RMO ``best`` cache, counters;
 - ``config.yaml``: the config the run was training with when it wrote the checkpoint;
 - ``COMPLETE``: written last, listing every file with its size. A folder without it, or still named ``.tmp-*``,
   was cut off and is ignored.
 
 Resuming (:func:`resume_checkpoint`) checks the newest complete checkpoint before loading it (file sizes against
-``COMPLETE``, the safetensors headers, the torch files' zip directories, the trainer state's keys); a checkpoint
+``COMPLETE``, the safetensors headers, the torch files' zip directories, the trainer state's keys, the sharded
+index and the shard files it points at); a checkpoint
 that fails the check or the load is passed over with a warning naming the bad file, and the previous one is
 tried; once one loads, those passed over are renamed ``checkpoint-<step>.unusable`` (kept, never deleted). Only
 checkpoints of steps up to the one just written are pruned by ``keep_last``, so a checkpoint of a later step is
@@ -24,6 +29,7 @@ import os
 import re
 import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +39,50 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointError",
+    "ShardedState",
     "checkpoint_problem",
     "complete_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
     "resume_checkpoint",
     "save_checkpoint",
+    "save_model",
 ]
 
 _NAME = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 MARKER = "COMPLETE"
+SHARDED_DIR = "sharded"
 STATE_KEYS = {"global_step": int, "stage": str, "stage_step": int, "sampler": dict, "best": dict}
 """Keys every trainer state holds, with their JSON types."""
 
 
 class CheckpointError(RunError):
     """A checkpoint could not be written, or no checkpoint of a run can be resumed from."""
+
+
+@dataclass(frozen=True)
+class ShardedState:
+    """A sharded (FSDP2) policy and its optimizer: what a sharded checkpoint saves and restores."""
+
+    module: Any  # the root FSDP2 module (a PolicyModule)
+    optimizer: Any  # torch AdamW over its sharded parameters
+    prefix: str = "model."  # where the transformers model sits in ``module``'s state dict
+
+    def whole_weights(self) -> dict[str, Any]:
+        """The transformers model's whole state dict on the main process (all processes call it)."""
+        from rarl_fast.sharding import full_state_dict
+
+        return full_state_dict(self.module, prefix=self.prefix)
+
+
+def save_model(model: Any, processor: Any, out: Path, weights: dict[str, Any] | None = None) -> None:
+    """``save_pretrained`` of ``model`` (or of the gathered ``weights`` of a sharded one) and ``processor`` into
+    ``out`` (the main process calls it)."""
+    extra = {} if weights is None else {"state_dict": weights}
+    model.save_pretrained(out, safe_serialization=True, **extra)
+    processor.save_pretrained(out)
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -87,11 +119,14 @@ def save_checkpoint(
     keep_last: int,
     save_optimizer: bool = True,
     config_yaml: str | None = None,
+    shards: ShardedState | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically (all ranks call this); keep the newest ``keep_last`` of the steps up
     to ``step``. A failed write (a full disk) removes the partial folder and raises :class:`CheckpointError`.
 
-    ``model`` is the unwrapped transformers model (or peft model: then ``model/`` holds the adapter)."""
+    ``model`` is the unwrapped transformers model (or peft model: then ``model/`` holds the adapter); ``shards``
+    is given when it is sharded: its weights and optimizer state go to ``sharded/`` (every process writes its
+    own shards) and ``model/`` gets the weights gathered on the main process."""
     run_dir = Path(run_dir)
     final = run_dir / f"checkpoint-{step:07d}"
     tmp = run_dir / f".tmp-checkpoint-{step:07d}"
@@ -102,10 +137,14 @@ def save_checkpoint(
         accelerator.wait_for_everyone()
         if save_optimizer:
             accelerator.save_state(str(tmp / "accelerate"))
-            accelerator.wait_for_everyone()  # every rank's RNG file is whole before the main process lists sizes
+            if shards is not None:
+                from rarl_fast.sharding import save_sharded
+
+                save_sharded(tmp / SHARDED_DIR, shards.module, shards.optimizer)
+            accelerator.wait_for_everyone()  # every rank's files are whole before the main process lists sizes
+        weights = shards.whole_weights() if shards is not None else None
         if accelerator.is_main_process:
-            model.save_pretrained(tmp / "model", safe_serialization=True)
-            processor.save_pretrained(tmp / "model")
+            save_model(model, processor, tmp / "model", weights)
             (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
             if config_yaml is not None:
                 (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
@@ -168,36 +207,66 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
     for path in sorted((checkpoint / "accelerate").iterdir()):
         if path.suffix in (".bin", ".pkl", ".pt") and not zipfile.is_zipfile(path):
             return f"{path.relative_to(checkpoint)} is damaged (not a complete torch file)"
+    if (checkpoint / SHARDED_DIR).is_dir():
+        from rarl_fast.sharding import sharded_problem
+
+        return sharded_problem(checkpoint / SHARDED_DIR)
     return None
 
 
-def load_checkpoint(accelerator: Any, checkpoint: str | Path) -> dict[str, Any]:
-    """Restore accelerate's state from ``checkpoint`` (model, optimizer, scheduler, RNG) and return the
-    trainer state."""
+def load_checkpoint(accelerator: Any, checkpoint: str | Path, shards: ShardedState | None = None) -> dict[str, Any]:
+    """Restore the state of ``checkpoint`` (model, optimizer, scheduler, RNG: accelerate's, and ``sharded/`` into
+    ``shards`` when given) and return the trainer state."""
     checkpoint = Path(checkpoint)
     state_dir = checkpoint / "accelerate"
     if not state_dir.is_dir():
         raise FileNotFoundError(f"{checkpoint} has no optimizer state (saved with checkpoint.save_optimizer=false)")
     accelerator.load_state(str(state_dir))
+    if shards is not None:
+        from rarl_fast.sharding import load_sharded
+
+        load_sharded(checkpoint / SHARDED_DIR, shards.module, shards.optimizer)
     return json.loads((checkpoint / STATE_FILE).read_text())
 
 
-def resume_checkpoint(accelerator: Any, run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+def _layout_mismatch(checkpoint: Path, sharded: bool) -> str | None:
+    """Why a run that is (or is not) ``sharded`` cannot resume from ``checkpoint``'s layout, or None."""
+    has_shards = (checkpoint / SHARDED_DIR).is_dir()
+    if sharded and not has_shards:
+        return (
+            f"{checkpoint.name} was written by an unsharded (DDP or one-process) run and this run is sharded "
+            "(FSDP2): resume under the launch config that wrote it, or with distributed.strategy=ddp"
+        )
+    if not sharded and has_shards:
+        return (
+            f"{checkpoint.name} holds sharded (FSDP2) state and this run is not sharded: resume under the launch "
+            "config that wrote it (configs/accelerate/fsdp2.yaml, or distributed.strategy=fsdp2 with as many processes)"
+        )
+    return None
+
+
+def resume_checkpoint(
+    accelerator: Any, run_dir: str | Path, shards: ShardedState | None = None
+) -> tuple[Path, dict[str, Any]]:
     """Load the newest usable complete checkpoint of ``run_dir`` (all ranks call this); returns it and its trainer
     state. A checkpoint that fails :func:`checkpoint_problem` or the load on any rank is passed over with a warning
     naming the bad file, and the previous one is tried; once one loads, those passed over are set aside as
     ``<name>.unusable`` (kept, never deleted), so that the resumed run's checkpoints do not compete with them.
-    Raises :class:`CheckpointError`, changing nothing, when none is usable. A load that failed part-way is
-    overwritten by the next one, which restores every piece of state."""
+    Raises :class:`CheckpointError`, changing nothing, when none is usable, or when a checkpoint's layout does not
+    match the run's (sharded by ``shards`` or not: a launch config mistake, not a damaged checkpoint). A load that
+    failed part-way is overwritten by the next one, which restores every piece of state."""
     import torch
 
     passed: list[tuple[Path, str]] = []
     for checkpoint in reversed(complete_checkpoints(run_dir)):
         problem = checkpoint_problem(checkpoint)
+        mismatch = _layout_mismatch(checkpoint, shards is not None) if problem is None else None
+        if mismatch is not None:
+            raise CheckpointError(f"cannot resume: {mismatch}")
         state: dict[str, Any] = {}
         if problem is None:
             try:
-                state = load_checkpoint(accelerator, checkpoint)
+                state = load_checkpoint(accelerator, checkpoint, shards)
             except Exception as err:  # torch, safetensors and accelerate raise their own types
                 problem = f"loading failed ({type(err).__name__}: {err})"
         ok = torch.tensor(float(problem is None), device=accelerator.device)

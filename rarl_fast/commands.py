@@ -32,10 +32,13 @@ def with_model(cfg: Config, model_path: str | Path | None, *, run_name: str | No
 
 
 def save_final(rt: Any, out: Path) -> Path:
-    """The trained policy and processor as a ``save_pretrained`` folder (main process)."""
+    """The trained policy and processor as a ``save_pretrained`` folder, written by the main process (a sharded
+    policy is gathered there first: all processes call this)."""
+    from rarl_fast.checkpoint import save_model
+
+    weights = rt.full_weights()
     if rt.acc.is_main_process:
-        (rt.peft_model or rt.hf_model).save_pretrained(out, safe_serialization=True)
-        rt.processor.save_pretrained(out)
+        save_model(rt.peft_model or rt.hf_model, rt.processor, out, weights)
     rt.acc.wait_for_everyone()
     return out
 

@@ -21,6 +21,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DistributedConfig",
     "LoggingConfig",
     "LoraConfig",
     "LossConfig",
@@ -72,11 +73,13 @@ RESUME_SAFE_KEYS = (
     "optim.micro_batch_size",
     "optim.micro_batch_tokens",
     "model.gradient_checkpointing",
+    "distributed.strategy",
 )
 """Keys (and sections) that ``train --resume`` may change without ``--allow-config-change``: where things are
 written, what is logged and evaluated when, checkpoint cadence, and memory/speed settings that leave the
 training math as it is (micro-batching splits the same step; gradient checkpointing recomputes the same
-activations). Any other difference from the checkpoint's config would make the resumed run a different run."""
+activations; FSDP2 trains like DDP, and a checkpoint of the other layout is refused when resuming). Any other
+difference from the checkpoint's config would make the resumed run a different run."""
 
 
 # Defaults per task (docs/method.md section 1), keyed by ``DataConfig.defaults_key()``: the synthetic benchmark's two
@@ -447,7 +450,8 @@ class OptimConfig:
     """Autocast of forward passes: auto is bf16 on CUDA, none on CPU. Weights and AdamW state stay fp32."""
     ddp_find_unused_parameters: bool = True
     """DDP's search for parameters a step leaves without gradient (one more walk of the autograd graph per
-    micro-batch). Every prompt here carries images, so every trainable parameter gets a gradient and False is
+    micro-batch); under FSDP2, zero gradients reduce-scattered for them, so that every rank runs the same
+    collectives. Every prompt here carries images, so every trainable parameter gets a gradient and False is
     safe unless a model has branches some batches skip."""
 
     def __post_init__(self) -> None:
@@ -571,6 +575,20 @@ class CheckpointConfig:
         _check(self.keep_last >= 1, "keep_last", "must be >= 1")
 
 
+Strategy = Literal["auto", "ddp", "fsdp2"]
+
+
+@dataclass(kw_only=True)
+class DistributedConfig:
+    strategy: Strategy = "auto"
+    """How the processes of a launch share the training. ``ddp``: every process holds the whole model and the
+    gradients are averaged (accelerate's DDP). ``fsdp2``: parameters, gradients and AdamW state are sharded
+    across the processes with torch's ``fully_shard`` (each vision block and decoder layer, then the rest),
+    checkpoints are sharded (``torch.distributed.checkpoint``) and the final ``model/`` is gathered on the main
+    process. ``auto``: fsdp2 when launched with an accelerate FSDP config (``configs/accelerate/fsdp2.yaml``),
+    else ddp. One process holds the whole model either way."""
+
+
 @dataclass(kw_only=True)
 class Config:
     run_name: str = "rarl"
@@ -606,6 +624,8 @@ class Config:
     """Metrics and trackers."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing and resume."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Data parallel (DDP) or sharded (FSDP2) training across the processes of an ``accelerate launch``."""
 
     def __post_init__(self) -> None:
         _check(0 <= self.cpu_threads <= 1024, "cpu_threads", f"must be in 0..1024, got {self.cpu_threads}")

@@ -38,7 +38,7 @@ def generate_answers(rt: Any, groups: list[Any], *, batch_size: int) -> list[str
     mine = rt.my_share(groups)
     texts: list[str | None] = []
     params = rt.generation_params(seed=None, greedy=True)
-    with awake(rt.engine, version=None, weights=rt.hf_model.named_parameters):
+    with rt.whole_policy(), awake(rt.engine, version=None, weights=rt.hf_model.named_parameters):
         for i in range(0, len(mine), batch_size):
             chunk = mine[i : i + batch_size]
             usable = [readable(g, rt.cache) for g in chunk]

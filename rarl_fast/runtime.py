@@ -6,7 +6,10 @@ engine) gets plain values.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rarl_fast.accelerator import make_accelerator
+from rarl_fast.checkpoint import ShardedState
 from rarl_fast.config import Config, ConfigError
 from rarl_fast.config_loader import dump_config
 from rarl_fast.data_parallel import balanced_shares, round_robin_share
@@ -21,6 +25,15 @@ from rarl_fast.errors import UsageError
 from rarl_fast.policy import LossSettings, PolicyModule
 from rarl_fast.rollout.base import GenerationParams, RolloutEngine, Rollouts, plan_micro_batches, split_to_count
 from rarl_fast.run_folder import Claim, claim_run_folder
+from rarl_fast.sharding import (
+    ShardingPlan,
+    accelerate_fsdp_launch,
+    broadcast_from_main,
+    release,
+    shard_model,
+    sharding_plan,
+    whole_parameters,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -43,7 +56,7 @@ class Runtime:
     acc: Accelerator
     run_dir: Path
     processor: ProcessorMixin
-    policy: PolicyModule  # prepared by accelerate (DDP / FSDP wrapped where applicable)
+    policy: PolicyModule  # prepared by accelerate (DDP) or sharded (FSDP2, ``plan.sharded``)
     reference: PolicyModule | None  # frozen initial weights; None when loss.beta_kl == 0 or LoRA (adapter off)
     engine: RolloutEngine
     task: TaskData
@@ -51,7 +64,8 @@ class Runtime:
     test_groups: dict[int, list[Group]]
     cache: ImageCache
     peft_model: Any = None  # peft.PeftModel when LoRA is on (peft is an optional dependency)
-    optimizer: torch.optim.Optimizer | None = None  # AdamW prepared by accelerate, built by the first stage
+    optimizer: torch.optim.Optimizer | None = None  # AdamW, built by the first stage
+    plan: ShardingPlan = dataclasses.field(default_factory=ShardingPlan)  # how the processes hold the model
 
     @property
     def device(self) -> torch.device:
@@ -101,15 +115,39 @@ class Runtime:
         shares = balanced_shares([g.n + 1 for g in groups], self.acc.num_processes)
         return [groups[i] for i in shares[self.acc.process_index]]
 
+    def logprobs(self, module: PolicyModule, rollouts: Rollouts) -> torch.Tensor:
+        """[R, T] fp32 log-probs of ``rollouts`` under ``module`` (the policy or the reference), without gradient at
+        the sampling temperature; a sharded module is resharded after the forward."""
+        with torch.no_grad(), self.acc.autocast():
+            out = module(rollouts, mode="logprobs", temperature=self.cfg.rollout.temperature)
+        release(module)
+        return out
+
     def reference_logprobs(self, rollouts: Rollouts) -> torch.Tensor | None:
         """[R, T] log-probs of the frozen reference (None when the KL term is off)."""
         if self.cfg.loss.beta_kl == 0:
             return None
-        with torch.no_grad(), self.acc.autocast():
-            if self.reference is not None:
-                return self.reference(rollouts, mode="logprobs", temperature=self.cfg.rollout.temperature)
-            with self.peft_model.disable_adapter():  # LoRA: the reference is the base model
-                return self.policy(rollouts, mode="logprobs", temperature=self.cfg.rollout.temperature)
+        if self.reference is not None:
+            return self.logprobs(self.reference, rollouts)
+        with self.peft_model.disable_adapter():  # LoRA: the reference is the base model
+            return self.logprobs(self.policy, rollouts)
+
+    @contextmanager
+    def whole_policy(self) -> Iterator[None]:
+        """The policy's parameters whole inside the block (for the rollout engine: it decodes with them, or
+        receives them); a no-op unless the policy is sharded. All processes enter it together."""
+        with whole_parameters(self.policy, self.plan):
+            yield
+
+    def sharded_state(self) -> ShardedState | None:
+        """The sharded policy and its optimizer (what checkpoints save and restore); None when not sharded."""
+        return ShardedState(self.policy, self.optimizer) if self.plan.sharded else None
+
+    def full_weights(self) -> dict[str, torch.Tensor] | None:
+        """The transformers model's whole state dict on the main process (gathered: all processes call it) when
+        the policy is sharded; None when it is not (``hf_model`` then holds the whole weights)."""
+        state = self.sharded_state()
+        return None if state is None else state.whole_weights()
 
 
 def build_runtime(
@@ -143,9 +181,17 @@ def build_runtime(
             "which ZeRO-3 partitions outside the lm_head's own forward; use configs/accelerate/fsdp2.yaml or "
             "deepspeed_zero2.yaml"
         )
+    plan = sharding_plan(cfg, acc.num_processes, acc.mixed_precision) if train else ShardingPlan()
+    if plan.sharded and ds is not None:
+        raise UsageError(
+            "FSDP2 sharding (distributed.strategy) under a DeepSpeed launch config: launch with "
+            "configs/accelerate/fsdp2.yaml, or set distributed.strategy=ddp"
+        )
     claim_run_folder(acc, run_dir, claim, dump_config(cfg), resumable=resumable)
     torch.manual_seed(cfg.seed)
     m = cfg.model
+    if plan.activation_checkpointing and not m.gradient_checkpointing:  # fsdp_activation_checkpointing: true
+        m = dataclasses.replace(m, gradient_checkpointing=True)
     with acc.main_process_first():  # the tiny model is built once, by the main process
         path = resolve_model_path(m.name_or_path, m.tiny_dir, m.tiny_layers)
     processor = load_processor(
@@ -162,10 +208,22 @@ def build_runtime(
     if m.lora.enabled:
         peft_model = apply_lora(m.lora, model)
         model = peft_model.get_base_model()
+    placeholders = acc.num_processes > 1 and accelerate_fsdp_launch()  # cpu_ram_efficient_loading may be on
     reference = None
     if train and cfg.loss.beta_kl > 0 and peft_model is None:
         reference = PolicyModule(load_reference(m, acc.device))
-    policy = acc.prepare_model(PolicyModule(model)) if train else PolicyModule(model)
+        if plan.sharded:
+            shard_model(reference, plan, acc.device, trainable=False)
+        elif placeholders:
+            broadcast_from_main(reference)
+    if train and plan.sharded:
+        policy = shard_model(PolicyModule(model), plan, acc.device)
+    elif train:
+        policy = acc.prepare_model(PolicyModule(model))  # DDP broadcasts the main process's weights
+    else:
+        policy = PolicyModule(model)
+        if placeholders:
+            broadcast_from_main(policy)
 
     task = load_task(cfg.data, tolerance=cfg.tolerance())
     sizes = list(cfg.data.group_sizes)
@@ -196,4 +254,5 @@ def build_runtime(
         test_groups=test_groups,
         cache=cache,
         peft_model=peft_model,
+        plan=plan,
     )

@@ -77,7 +77,7 @@ def sft_step(rt: Runtime, groups: list[Group], lr: float, nonfinite: NonFiniteCo
 
     def loss_of(i: int, part: Rollouts) -> Tensor:
         nll, _ = rt.policy(part, mode="nll")
-        return nll / total_tokens.clamp(min=1) * acc.num_processes  # DDP averages over ranks
+        return nll / total_tokens.clamp(min=1) * acc.num_processes  # DDP and FSDP2 average over ranks
 
     result = optimizer_step(rt, lr, parts, loss_of)
     nonfinite.record(result.finite, where)

@@ -7,7 +7,8 @@ weights and both use the same frozen reference (the initial model).
 
 Data parallelism: every rank draws the same global batch of groups and keeps its round-robin share; rewards,
 RMO and advantages are computed per group on the rank that owns it; the loss is normalized by the step's
-global token (or row) count, and metrics are reduced across ranks before logging.
+global token (or row) count, and metrics are reduced across ranks before logging. The model is whole on every
+rank (DDP) or sharded (FSDP2, :mod:`rarl_fast.sharding`); the step is the same.
 
 A run owns its folder (:mod:`rarl_fast.run_folder`); ``--resume`` continues from the newest usable checkpoint
 (:func:`~rarl_fast.checkpoint.resume_checkpoint`) with the checkpoint's config (:mod:`rarl_fast.resume`). Skipped
@@ -76,11 +77,13 @@ class StageState:
 
 def rollout(rt: Runtime, groups: list[Group], seed: int, version: Hashable | None = None) -> Rollouts:
     """G completions for each of this rank's groups, sampled by the engine (counter-based seeds); the engine is
-    woken, given the policy's weights unless it holds ``version`` already, and put to sleep again."""
+    woken, given the policy's weights unless it holds ``version`` already, and put to sleep again. A sharded
+    policy is gathered whole for the rollout (the engine decodes with it, or receives it) and resharded after."""
     from rarl_fast.data import collate
 
     batch = collate(rt.processor, groups, rt.cache).to(rt.device)
-    with torch.no_grad(), rt.acc.autocast(), awake(rt.engine, version=version, weights=rt.hf_model.named_parameters):
+    weights = rt.hf_model.named_parameters
+    with torch.no_grad(), rt.acc.autocast(), rt.whole_policy(), awake(rt.engine, version=version, weights=weights):
         return rt.engine.generate(batch, rt.cfg.rollout.num_generations, rt.generation_params(seed))
 
 
@@ -163,8 +166,7 @@ def update_policy(rt: Runtime, st: StageState, ro: Rollouts, adv: Tensor) -> dic
     refs = [rt.reference_logprobs(p) for p in parts]
     olds: list[Tensor | None] = [None] * len(parts)
     if c.optim.update_epochs > 1:  # logp_old from the policy itself, before any update (mutated rows too)
-        with torch.no_grad(), rt.acc.autocast():
-            olds = [rt.policy(p, mode="logprobs", temperature=c.rollout.temperature) for p in parts]
+        olds = [rt.logprobs(rt.policy, p) for p in parts]
     settings = rt.loss_settings()
     sums: dict[str, Tensor] = {}
 
@@ -363,6 +365,7 @@ def run_stage(rt: Runtime, st: StageState, logger: MetricsLogger, global_step: i
                 keep_last=c.checkpoint.keep_last,
                 save_optimizer=c.checkpoint.save_optimizer,
                 config_yaml=dump_config(c),
+                shards=rt.sharded_state(),
             )
     return global_step
 
@@ -430,7 +433,7 @@ def _train(rt: Runtime, changes: list[tuple[str, Any, Any]] | None) -> Runtime:
     global_step, start_stage, restored = 0, 0, None
     nonfinite = nonfinite_counter(cfg)
     if changes is not None:
-        ckpt, restored = resume_checkpoint(rt.acc, rt.run_dir)
+        ckpt, restored = resume_checkpoint(rt.acc, rt.run_dir, shards=rt.sharded_state())
         global_step = int(restored["global_step"])
         start_stage = STAGES.index(restored["stage"])
         nonfinite.total = int(restored.get("nonfinite_total", 0))

@@ -1,7 +1,8 @@
 """One optimizer step over micro-batches: the update loop that RL (``train.py``) and SFT (``sft.py``) share.
 
-:func:`optimizer_step` runs forward + backward of each micro-batch under autocast (gradients are synchronized
-across ranks only on the last one), clips the gradient norm, and steps, unless the loss or the gradient is
+:func:`optimizer_step` runs forward + backward of each micro-batch under autocast (DDP synchronizes gradients
+across ranks only on the last one; FSDP2 reduce-scatters each micro-batch's gradients into the sharded ones, so
+no rank ever holds a whole gradient), clips the gradient norm, and steps, unless the loss or the gradient is
 non-finite on some rank: then every rank skips the step alike. :class:`NonFiniteCounter` counts the steps taken and
 skipped over a whole run (both RL stages, or SFT), stops a run that keeps skipping, and fails one that took no
 step or skipped too large a share of them. The loss of each micro-batch is scaled by the caller so that the summed
@@ -20,10 +21,9 @@ import torch
 from torch import Tensor
 
 from rarl_fast.errors import RunError
+from rarl_fast.sharding import clip_sharded_grad_norm
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
-
     from rarl_fast.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,12 @@ class StepResult:
 
 
 def build_optimizer(rt: Runtime, lr: float) -> torch.optim.Optimizer:
-    """AdamW over the policy's trainable parameters with ``cfg.optim``'s settings, prepared by accelerate."""
+    """AdamW over the policy's trainable parameters with ``cfg.optim``'s settings, prepared by accelerate; over a
+    sharded policy, plain torch AdamW over the shards (checkpointed with them, not by accelerate)."""
     o = rt.cfg.optim
     params = [p for p in rt.policy.parameters() if p.requires_grad]
-    return rt.acc.prepare_optimizer(
-        torch.optim.AdamW(params, lr=lr, betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay)
-    )
+    adamw = torch.optim.AdamW(params, lr=lr, betas=o.betas, eps=o.adam_eps, weight_decay=o.weight_decay)
+    return adamw if rt.plan.sharded else rt.acc.prepare_optimizer(adamw)
 
 
 def reset_optimizer(optimizer: torch.optim.Optimizer) -> None:
@@ -104,7 +104,10 @@ def reset_optimizer(optimizer: torch.optim.Optimizer) -> None:
     getattr(optimizer, "optimizer", optimizer).state.clear()
 
 
-def _grad_norm(acc: Accelerator, params: list[torch.nn.Parameter], max_norm: float) -> Tensor:
+def _grad_norm(rt: Runtime, params: list[torch.nn.Parameter], max_norm: float) -> Tensor:
+    acc = rt.acc
+    if rt.plan.sharded:
+        return clip_sharded_grad_norm(params, max_norm).float()
     if max_norm > 0:
         return torch.as_tensor(acc.clip_grad_norm_(params, max_norm)).float()
     grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
@@ -125,13 +128,13 @@ def optimizer_step(rt: Runtime, lr: float, parts: Sequence[Part], loss_of: Calla
         group["lr"] = lr
     loss_total = torch.zeros((), device=rt.device)
     for i, part in enumerate(parts):
-        sync = i == len(parts) - 1
+        sync = i == len(parts) - 1 or rt.plan.sharded
         with nullcontext() if sync else acc.no_sync(rt.policy), acc.autocast():
             loss = loss_of(i, part)
             acc.backward(loss)
         loss_total = loss_total + loss.detach().float()
     params: list[Any] = [p for p in rt.policy.parameters() if p.requires_grad]
-    grad_norm = _grad_norm(acc, params, rt.cfg.optim.max_grad_norm)
+    grad_norm = _grad_norm(rt, params, rt.cfg.optim.max_grad_norm)
     finite = torch.isfinite(loss_total) & torch.isfinite(grad_norm)
     finite = bool(acc.reduce(finite.float(), reduction="sum") == acc.num_processes)  # host sync: all ranks agree
     if finite:
