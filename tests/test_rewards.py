@@ -506,7 +506,8 @@ def _reference_score(text, truth, delta, alpha, beta, lam, weights):
         if 1 <= i <= n and i not in seen:
             seen.add(i)
             present.append((i, v))
-    reg = sum(max(0.0, 1 - (v - truth[i - 1]) ** 2 / delta**2) for i, v in present) / n
+    # (v - y) * (v - y), not ** 2: a huge value squares to inf (reward 0) instead of raising OverflowError
+    reg = sum(max(0.0, 1 - (v - truth[i - 1]) * (v - truth[i - 1]) / delta**2) for i, v in present) / n
     out = {**zero, "format": 1.0, "regression": reg}
     if n >= 2:
         out["length"] = float(m == n and len(present) == n)
