@@ -288,6 +288,13 @@ class RolloutConfig:
     """Prompts per greedy ``generate`` call in evaluation (per process)."""
     sglang_mem_fraction: float = 0.5
     """SGLang's static memory fraction when colocated with training."""
+    compile: Literal["off", "default", "reduce-overhead"] = "off"
+    """``torch.compile`` of the HF engine's decode step (one token for every row: forward, sampling, bookkeeping,
+    with static shapes): ``default`` compiles it, ``reduce-overhead`` also replays it as CUDA graphs on GPU
+    (no per-kernel launch from Python), ``off`` runs it eagerly. Same tokens either way. A compile costs seconds
+    to minutes once per sampling rule (greedy evaluation is a second one); a compiled engine keeps its decode
+    buffers between calls (the KV cache of its largest batch). Off by default (figures: ``bench/README.md``,
+    ``bench/bench_rollout.py --compile``); the SGLang backend ignores it (it has its own graphs)."""
 
     def __post_init__(self) -> None:
         _check(self.num_generations >= 1, "num_generations", f"must be >= 1, got {self.num_generations}")

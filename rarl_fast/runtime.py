@@ -264,6 +264,7 @@ def build_runtime(cfg: Config, *, train: bool = True, run_dir: Path | None = Non
         model_path=path,
         seed=cfg.seed,
         mem_fraction_static=cfg.rollout.sglang_mem_fraction,
+        compile=cfg.rollout.compile,
     )
     cache = ImageCache.for_processor(processor, max_mb=cfg.data.image_cache_mb)
     return Runtime(

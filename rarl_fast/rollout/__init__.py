@@ -27,10 +27,12 @@ def make_engine(
     model_path: str | None = None,
     seed: int = 0,
     mem_fraction_static: float = 0.5,
+    compile: str = "off",
 ) -> RolloutEngine:
-    """The engine named by ``rollout.backend``: ``hf`` (shares ``model``) or ``sglang`` (loads ``model_path``)."""
+    """The engine named by ``rollout.backend``: ``hf`` (shares ``model``; ``compile`` is ``rollout.compile``) or
+    ``sglang`` (loads ``model_path``)."""
     if backend == "hf":
-        return HFEngine(model, tokenizer, seed=seed)
+        return HFEngine(model, tokenizer, seed=seed, compile=compile)
     if backend == "sglang":
         from rarl_fast.rollout.sglang import SGLangEngine, require_sglang
 
