@@ -39,6 +39,7 @@ class DecodeRows(NamedTuple):
     last: Tensor  # [S] long, the token fed at the next step
     pos0: Tensor  # [S] long, position of the row's first completion token (all three mRoPE axes)
     seeds: Tensor  # [S] long, counter-based sampling seed of the row
+    greedy: Tensor  # [S] bool, argmax instead of sampling (a tensor: greedy and sampled calls share a compile)
     finished: Tensor  # [S] bool, EOS emitted, vision token cut, or a filler slot
     out_row: Tensor  # [S] long, row of :class:`DecodeOutputs` the slot records into (R for fillers: scratch)
 
@@ -60,7 +61,6 @@ class TokenRule:
     temperature: float
     top_k: int
     top_p: float
-    greedy: bool
     pad_id: int
 
 
@@ -89,7 +89,7 @@ def sample_and_record(
         temperature=rule.temperature,
         top_k=rule.top_k,
         top_p=rule.top_p,
-        greedy=rule.greedy,
+        greedy=rows.greedy,
         uniforms=hashed_uniforms(rows.seeds, step),
     )
     live = ~rows.finished
@@ -162,7 +162,7 @@ def new_outputs(arena: Arena, num_rows: int, steps: int, pad_id: int, device: to
     )
 
 
-def new_rows(arena: Arena, seeds: Tensor, pos0: Tensor) -> DecodeRows:
+def new_rows(arena: Arena, seeds: Tensor, pos0: Tensor, greedy: bool) -> DecodeRows:
     """Slots for R rows before their first token: ``seeds`` [R] long, ``pos0`` [R] long."""
     S, device = seeds.shape[0], seeds.device
 
@@ -173,6 +173,7 @@ def new_rows(arena: Arena, seeds: Tensor, pos0: Tensor) -> DecodeRows:
         last=take("last", torch.long).zero_(),
         pos0=take("pos0", torch.long).copy_(pos0),
         seeds=take("seeds", torch.long).copy_(seeds),
+        greedy=take("greedy", torch.bool).fill_(greedy),
         finished=take("finished", torch.bool).zero_(),
         out_row=take("out_row", torch.long).copy_(torch.arange(S, device=device)),
     )

@@ -216,7 +216,7 @@ class HFEngine:
         #    together over its shared prefix, one (compiled) step per token.
         row_mask = mask.repeat_interleave(G, dim=0)
         num_real, row_deltas = row_mask.sum(dim=1), deltas.repeat_interleave(G)
-        rule = TokenRule(params.temperature, params.top_k, params.top_p, params.greedy, self.pad_token_id)
+        rule = TokenRule(params.temperature, params.top_k, params.top_p, self.pad_token_id)
         stop_ids = torch.tensor(self.eos_token_ids or [-1], device=device)
         cut_ids = torch.tensor(self.vision_token_ids or [-1], device=device)
 
@@ -224,7 +224,7 @@ class HFEngine:
             sample_and_record(step_logits, rows, out, rule, stop_ids, cut_ids, step)
 
         out = new_outputs(self._arena, R, T, self.pad_token_id, device)
-        rows = new_rows(self._arena, row_seeds(seed, keys, G).to(device), num_real + row_deltas)
+        rows = new_rows(self._arena, row_seeds(seed, keys, G).to(device), num_real + row_deltas, params.greedy)
         sample(logits.repeat_interleave(G, dim=0), rows, torch.zeros(1, dtype=torch.long, device=device))
         parts = text_parts(self.model) if self.shared_prefix_decode else None
         if parts is not None:

@@ -78,7 +78,7 @@ def sample_next(
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
-    greedy: bool = False,
+    greedy: bool | Tensor = False,
     uniforms: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """One token per row and its log-prob. No host sync and no generator state: the same code runs eagerly
@@ -86,14 +86,16 @@ def sample_next(
 
     Args:
         logits: [R, V] raw next-token logits (any float dtype; computed in float32).
+        greedy: True for argmax everywhere, or [R] bool per row (a tensor, so that greedy and sampled calls
+            share one compiled step; both tokens are then computed).
         uniforms: [R] float64 in (0, 1) from :func:`hashed_uniforms`: the token is drawn by inverse CDF with
-            them (unused when greedy).
+            them.
     Returns:
         tokens: [R] long; logp: [R] float32, ``log_softmax(logits / temperature)[token]``.
     """
     scaled = logits.float() / temperature
     lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
-    if greedy:
+    if greedy is True:
         tokens = scaled.argmax(dim=-1)
     else:
         if top_k > 0 or top_p < 1.0:
@@ -103,4 +105,6 @@ def sample_next(
         cdf = probs.cumsum_(dim=-1)  # float32: its rounding (~1e-7) is far below any sampling resolution we need
         target = (uniforms.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(1)
         tokens = torch.searchsorted(cdf, target).squeeze(1).clamp_max(probs.shape[-1] - 1)
+        if isinstance(greedy, Tensor):
+            tokens = torch.where(greedy, scaled.argmax(dim=-1), tokens)
     return tokens, (scaled.gather(1, tokens.unsqueeze(1)) - lse).squeeze(1)

@@ -210,7 +210,15 @@ def compile_step(mode: str) -> Callable[..., None]:
         raise ValueError(f"unknown rollout.compile mode {mode!r}: expected one of {COMPILE_MODES}")
     if mode == "off":
         return shared_prefix_step
-    return torch.compile(shared_prefix_step, mode=None if mode == "default" else mode)
+    compiled = torch.compile(shared_prefix_step, mode=None if mode == "default" else mode)
+    if mode == "default":
+        return compiled
+
+    def graphed_step(*args: Any) -> None:
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the step returns nothing the next one overwrites
+        compiled(*args)
+
+    return graphed_step
 
 
 def _mark_dynamic(kv: SharedKV, rows: DecodeRows, out: DecodeOutputs) -> None:
