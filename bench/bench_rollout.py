@@ -12,8 +12,8 @@ bf16 on CUDA, 128 new tokens: its ``ms/step`` is the time of one decode step at 
 is a seconds-long version for ``gpu_check.sh --dry-run``.
 
 Each provider runs in its own subprocess so that peak memory (max RSS growth on CPU, ``max_memory_allocated``
-on CUDA) is its own: a first call (``first s``: warm-up, with the compile and CUDA-graph recording of a compiled
-step), then a call with one new token (``prefill s``: images, pre-fill, first token) and the timed full call
+on CUDA) is its own: a first call of 4 tokens (``first s``: warm-up, with the compile and CUDA-graph recording of
+a compiled step), then a call with one new token (``prefill s``: images, pre-fill, first token) and the timed full call
 (``wall s``); ``ms/step`` is (wall - prefill) / (new tokens - 1), one decode step for all B * G rows. Prints a
 table with ratios to ``num_return_sequences``; appends rows to ``bench/results/rollout.csv`` (or
 ``$RARL_BENCH_OUT``).
@@ -86,6 +86,8 @@ def _worker(model_dir: str, provider: str, compile_mode: str, n_images: int, sc:
     from rarl_fast.model import load_processor
     from rarl_fast.rollout import GenerationParams, HFEngine
 
+    if sc.get("threads"):
+        torch.set_num_threads(sc["threads"])
     torch.manual_seed(0)
     px = sc["image_px"]
     processor = load_processor(model_dir, min_pixels=px * px, max_pixels=px * px)
@@ -112,7 +114,7 @@ def _worker(model_dir: str, provider: str, compile_mode: str, n_images: int, sc:
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     new = sc["new_tokens"]
-    first, _ = timed(new)  # warm-up (compiles and records a compiled step)
+    first, _ = timed(min(new, 4))  # warm-up: 3 steps compile, warm up and record a compiled step's CUDA graph
     prefill, _ = timed(1)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -135,6 +137,7 @@ def _worker(model_dir: str, provider: str, compile_mode: str, n_images: int, sc:
             "gen_tok_per_s": generated / wall,
             "peak_mib": peak_mib,
             "prompt_len": int(enc["input_ids"].shape[1]),
+            "threads": torch.get_num_threads() if device == "cpu" else "",
         }
     )
 
@@ -163,8 +166,11 @@ def main() -> None:
         help="also the shared-prefix engine with rollout.compile=MODE (auto: reduce-overhead on CUDA, else default)",
     )
     ap.add_argument("--no-baseline", action="store_true", help="skip num_return_sequences (slow at 3B dims)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (1 steadies figures on a shared machine)")
     args = ap.parse_args()
     sc = dict(SCENARIOS[args.scenario])
+    if args.threads:
+        sc["threads"] = args.threads
     scenario = args.scenario
     if scenario == "qwen2.5-vl-3b":
         sc["model"] = {**sc["model"], "num_layers": args.layers}
@@ -208,7 +214,8 @@ def main() -> None:
         )
     commit = git_commit()
     fields = ["date", "commit", "device", "torch", "scenario", "images", "provider", "wall_s", "prompt_tok_per_s",
-              "gen_tok_per_s", "peak_mib", "speedup", "compile", "prefill_s", "ms_per_step", "first_s"]  # fmt: skip
+              "gen_tok_per_s", "peak_mib", "speedup", "compile", "prefill_s", "ms_per_step", "first_s",
+              "threads"]  # fmt: skip
     path = append_csv(
         results_dir() / "rollout.csv",
         fields,

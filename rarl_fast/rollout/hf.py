@@ -234,6 +234,7 @@ class HFEngine:
         else:
             positions = completion_positions(num_real, row_deltas, T)
             decoder = _ModelForwardDecoder(self._forward, cache, row_mask, positions, rows, out, sample, G)
+        del cache, logits  # the shared-prefix decoder holds its own copy of the prompts' KV
         sync_every = SYNC_EVERY.get(device.type, SYNC_EVERY_ACCELERATOR)
         steps = 0
         for t in range(T - 1):
