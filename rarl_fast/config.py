@@ -290,11 +290,14 @@ class RolloutConfig:
     """SGLang's static memory fraction when colocated with training."""
     compile: Literal["off", "default", "reduce-overhead"] = "off"
     """``torch.compile`` of the HF engine's decode step (one token for every row: forward, sampling, bookkeeping,
-    with static shapes): ``default`` compiles it, ``reduce-overhead`` also replays it as CUDA graphs on GPU
-    (no per-kernel launch from Python), ``off`` runs it eagerly. Same tokens either way. A compile costs seconds
-    to minutes once per sampling rule (greedy evaluation is a second one); a compiled engine keeps its decode
-    buffers between calls (the KV cache of its largest batch). Off by default (figures: ``bench/README.md``,
-    ``bench/bench_rollout.py --compile``); the SGLang backend ignores it (it has its own graphs)."""
+    with static shapes): ``default`` compiles it, ``reduce-overhead`` also replays it as CUDA graphs on GPU (no
+    kernel launched from Python per token), ``off`` runs it eagerly; the tokens are the same. Sampled and greedy
+    calls and every batch of >= 2 prompts x >= 2 samples share one compile; one prompt, or one sample per prompt
+    (evaluation), compiles once more (torch.compile specializes sizes of 1). A compiled engine keeps its decode buffers
+    between calls (the KV cache of its largest batch; ``engine.sleep()`` frees them). Off by default: on the
+    CPU the step is GEMM-bound, compiling saves about a quarter of each token's time (bench scenario) for a
+    compile of about 80 s, repaid only after a few thousand decode steps. For GPUs, ``reduce-overhead`` is the
+    mode to try (``bench/gpu_check.sh`` measures it). The SGLang backend ignores this (it has its own graphs)."""
 
     def __post_init__(self) -> None:
         _check(self.num_generations >= 1, "num_generations", f"must be >= 1, got {self.num_generations}")
