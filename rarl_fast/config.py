@@ -294,7 +294,7 @@ class RolloutConfig:
     kernel launched from Python per token), ``off`` runs it eagerly; the tokens are the same. Sampled and greedy
     calls and every batch of >= 2 prompts x >= 2 samples share one compile; one prompt, or one sample per prompt
     (evaluation), compiles once more (torch.compile specializes sizes of 1). A compiled engine keeps its decode buffers
-    between calls (the KV cache of its largest batch; ``engine.sleep()`` frees them). Off by default: on the
+    between calls, during the update too (the KV cache of its largest batch). Off by default: on the
     CPU the step is GEMM-bound, compiling saves about a quarter of each token's time (bench scenario) for a
     compile of about 80 s, repaid only after a few thousand decode steps. For GPUs, ``reduce-overhead`` is the
     mode to try (``bench/gpu_check.sh`` measures it). The SGLang backend ignores this (it has its own graphs)."""

@@ -149,8 +149,9 @@ def test_compiled_step_samples_what_the_eager_step_samples(setup, buckets, param
 
 
 def test_compiled_engine_keeps_its_buffers_and_recompiles_for_no_new_batch(setup):
-    """A second call with another batch shape (other rows, other prompt length) reuses the compiled step and the
-    buffer addresses; ``sleep`` frees the buffers."""
+    """A second call with another batch shape (other rows, other prompt length) reuses the compiled step; the
+    decode buffers stay at their addresses between calls, through ``sleep`` (the trainer's engine sleeps after
+    every rollout), where CUDA graphs expect them."""
     engines, enc = setup.engines, setup.enc
     engine = engines["default"]
     setup.eos_bias.set(1.5)
@@ -158,22 +159,28 @@ def test_compiled_engine_keeps_its_buffers_and_recompiles_for_no_new_batch(setup
     engine.generate(enc, G, params)  # compiled in the test above when run in order; else here
     kept = engine._arena.nbytes()
     assert kept > 0 and engines["off"]._arena.nbytes() == 0  # eager engines keep nothing between calls
+
+    def address() -> int:
+        return engine._arena.take("suffix.k0", (1,), torch.float32, torch.device("cpu")).data_ptr()
+
+    before = address()
+    engine.sleep()
+    engine.wake()
     graphs = _graphs()
-    two = {k: enc[k] for k in ("pixel_values", "image_grid_thw")}
-    first_two_images = int(enc["image_grid_thw"][:5].prod(dim=1).sum())
+    patches = int(enc["image_grid_thw"][:5].prod(dim=1).sum())  # the first two prompts hold 5 images
     small = {
         "input_ids": enc["input_ids"][:2],
         "attention_mask": enc["attention_mask"][:2],
-        "pixel_values": two["pixel_values"][:first_two_images],
-        "image_grid_thw": two["image_grid_thw"][:5],
+        "pixel_values": enc["pixel_values"][:patches],
+        "image_grid_thw": enc["image_grid_thw"][:5],
         "groups": enc["groups"][:2],
     }
     a = engine.generate(small, 2, params)
     b = engines["off"].generate(small, 2, params)
     _assert_same(a, b, "compiled vs eager, another batch")
     assert _graphs() == graphs
-    engine.sleep()
-    assert engine._arena.nbytes() == 0
+    assert engine._arena.nbytes() == kept  # the smaller batch fits in the buffers of the larger one
+    assert address() == before
 
 
 @pytest.mark.gpu

@@ -112,7 +112,7 @@ class HFEngine:
     the model's own forward over a KV cache copied to the G samples: the reference the shared-prefix path is
     tested against. ``compile`` (``off``, ``default``, ``reduce-overhead``) compiles the shared-prefix decode
     step (:func:`~rarl_fast.rollout.shared_prefix.compile_step`); a compiled engine keeps its decode buffers
-    between calls (the KV of the largest batch so far) so that its CUDA graphs stay valid; ``sleep`` frees them.
+    between calls, asleep too (the KV of the largest batch so far), so that its CUDA graphs stay valid.
     """
 
     def __init__(
@@ -163,11 +163,11 @@ class HFEngine:
                     params[name].copy_(tensor)
 
     def sleep(self) -> None:
-        """Free the decode buffers a compiled engine keeps between calls (the next call re-records its graphs)."""
-        self._arena.clear()
+        """Nothing released: an eager engine holds no memory between calls, and a compiled one keeps its decode
+        buffers on purpose (its CUDA graphs point at them; new buffers would re-record every graph each step)."""
 
     def wake(self) -> None:
-        """Nothing to take back: buffers are allocated by the next call."""
+        """Nothing to take back."""
 
     # -- generation -----------------------------------------------------------------------------------------
 
