@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script a session runs when a GPU is lent (see README "GPU check").
 #
-#   bash bench/gpu_check.sh             # full check, <= 10 min (+ <= 2.5 min timing SGLang where it is installed)
+#   bash bench/gpu_check.sh             # full check, <= 11 min (+ <= 2.5 min timing SGLang where it is installed)
 #   bash bench/gpu_check.sh --quick     # <= 8 min: GPU tests (bf16, V=151936), kernels at 3B/7B, compile twin, step
 #   bash bench/gpu_check.sh --dry-run   # every part at toy size on the CPU (tests run this)
 #
@@ -117,8 +117,16 @@ part_smoke() {
 }
 
 part_rollout_bench() {
-  if [ "$DRY" = 1 ]; then "$PY" bench/bench_rollout.py --scenario toy --device cpu --images 4
-  else "$PY" bench/bench_rollout.py --scenario bench --device cuda --images 4
+  if [ "$DRY" = 1 ]; then "$PY" bench/bench_rollout.py --scenario toy --device cpu --images 4 --compile
+  elif [ "$QUICK" = 1 ]; then "$PY" bench/bench_rollout.py --scenario bench --device cuda --images 4
+  else "$PY" bench/bench_rollout.py --scenario bench --device cuda --images 4 --compile
+  fi
+}
+
+# One decode step at Qwen2.5-VL-3B's width (4 text layers), eager and as CUDA graphs.
+part_rollout_3b() {
+  if [ "$DRY" = 1 ]; then "$PY" bench/bench_rollout.py --scenario toy --device cpu --images 1 --no-baseline
+  else "$PY" bench/bench_rollout.py --scenario qwen2.5-vl-3b --layers 4 --device cuda --images 4 --compile
   fi
 }
 
@@ -158,18 +166,19 @@ part_step_bench() {
 }
 
 export DRY QUICK PY OUT_DIR SLUG
-export -f part_env part_install part_gpu_tests part_smoke part_rollout_bench part_kernels_3b part_kernels_7b \
-  part_kernel_report part_step_bench
+export -f part_env part_install part_gpu_tests part_smoke part_rollout_bench part_rollout_3b part_kernels_3b \
+  part_kernels_7b part_kernel_report part_step_bench
 export -f part_rollout_sglang
 
-# Time budgets (seconds) per part; each is a cap enforced by `timeout`. Full <= 10 min, --quick <= 8 min. The GPU
-# tests come first: they compile every kernel variant into triton's cache, which the later parts then reuse.
+# Time budgets (seconds) per part; each is a cap enforced by `timeout`. Full <= 11 min, --quick <= 8 min. The GPU
+# tests come first: they compile every kernel variant into triton's cache, which the later parts then reuse. The
+# full run's rollout parts include one torch.compile of the decode step each (about a minute at most).
 if [ "$DRY" = 1 ]; then
-  B_ENV=30; B_INSTALL=30; B_TESTS=60; B_SMOKE=60; B_ROLLOUT=150; B_K3=60; B_K7=60; B_REPORT=60; B_STEP=150
+  B_ENV=30; B_INSTALL=30; B_TESTS=60; B_SMOKE=60; B_ROLLOUT=200; B_R3=60; B_K3=60; B_K7=60; B_REPORT=60; B_STEP=150
 elif [ "$QUICK" = 1 ]; then
-  B_ENV=10; B_INSTALL=25; B_TESTS=120; B_SMOKE=15; B_ROLLOUT=20; B_K3=60; B_K7=40; B_REPORT=40; B_STEP=140
+  B_ENV=10; B_INSTALL=25; B_TESTS=120; B_SMOKE=15; B_ROLLOUT=20; B_R3=0; B_K3=60; B_K7=40; B_REPORT=40; B_STEP=140
 else
-  B_ENV=10; B_INSTALL=25; B_TESTS=120; B_SMOKE=15; B_ROLLOUT=40; B_K3=110; B_K7=45; B_REPORT=40; B_STEP=150
+  B_ENV=10; B_INSTALL=25; B_TESTS=120; B_SMOKE=15; B_ROLLOUT=90; B_R3=90; B_K3=80; B_K7=45; B_REPORT=40; B_STEP=100
 fi
 # SGLang's part runs only where sglang is installed (engine start-up is most of it); it adds to the totals above.
 B_SGL=$([ "$QUICK" = 1 ] && echo 0 || echo 150)
@@ -181,6 +190,7 @@ run_part gpu-tests "$B_TESTS" part_gpu_tests
 run_part smoke "$B_SMOKE" part_smoke
 run_part rollout-bench "$B_ROLLOUT" part_rollout_bench
 if [ "$B_SGL" -gt 0 ]; then run_part rollout-sglang "$B_SGL" part_rollout_sglang; fi
+if [ "$B_R3" -gt 0 ]; then run_part rollout-3b "$B_R3" part_rollout_3b; fi
 run_part kernels-3b "$B_K3" part_kernels_3b
 run_part kernels-7b "$B_K7" part_kernels_7b
 run_part kernel-report "$B_REPORT" part_kernel_report

@@ -331,6 +331,16 @@ class RolloutConfig:
     """Prompts per greedy ``generate`` call in evaluation (per process)."""
     sglang_mem_fraction: float = 0.5
     """SGLang's static memory fraction when colocated with training."""
+    compile: Literal["off", "default", "reduce-overhead"] = "off"
+    """``torch.compile`` of the HF engine's decode step (one token for every row: forward, sampling, bookkeeping,
+    with static shapes): ``default`` compiles it, ``reduce-overhead`` also replays it as CUDA graphs on GPU (no
+    kernel launched from Python per token), ``off`` runs it eagerly; the tokens are the same. Sampled and greedy
+    calls and every batch of >= 2 prompts x >= 2 samples share one compile; one prompt, or one sample per prompt
+    (evaluation), compiles once more (torch.compile specializes sizes of 1). A compiled engine keeps its decode buffers
+    between calls, during the update too (the KV cache of its largest batch). Off by default: on the
+    CPU the step is GEMM-bound, compiling saves about a quarter of each token's time (bench scenario) for a
+    compile of about 80 s, repaid only after a few thousand decode steps. For GPUs, ``reduce-overhead`` is the
+    mode to try (``bench/gpu_check.sh`` measures it). The SGLang backend ignores this (it has its own graphs)."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.num_generations <= 1024, "num_generations", f"must be in 1..1024, got {self.num_generations}")

@@ -240,6 +240,7 @@ def build_runtime(
         seed=cfg.seed,
         mem_fraction_static=cfg.rollout.sglang_mem_fraction,
         image_loader=cache.get,
+        compile=cfg.rollout.compile,
     )
     return Runtime(
         cfg=cfg,

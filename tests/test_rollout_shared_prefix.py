@@ -22,13 +22,17 @@ def test_attention_matches_ordinary_attention_with_left_padding(B, G, kvh, n_rep
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, G, kvh, n_rep, d, generator=g)
     pk, pv = torch.randn(B, kvh, P, d, generator=g), torch.randn(B, kvh, P, d, generator=g)
-    sk, sv = torch.randn(B, kvh, G, S, d, generator=g), torch.randn(B, kvh, G, S, d, generator=g)
+    slots = S + 3  # the suffix buffer holds later steps too, not written yet
+    sk, sv = torch.randn(B, G, kvh, slots, d, generator=g), torch.randn(B, G, kvh, slots, d, generator=g)
     pad = torch.randint(0, P, (B,), generator=g)  # left padding; a fully padded prefix is covered by S >= 1
     real = torch.arange(P).unsqueeze(0) >= pad.unsqueeze(1)
-    bias = torch.where(real, 0.0, torch.finfo(torch.float32).min).view(B, 1, 1, P)
+    neg = torch.finfo(torch.float32).min
+    bias = torch.where(real, 0.0, neg).view(B, 1, 1, P)
     pk[~real.unsqueeze(1).expand(-1, kvh, -1)] = 1e3  # padding garbage must not leak in
-    out = shared_prefix_attention(q, pk, pv, bias, sk, sv, d**-0.5)
-    ref = shared_prefix_attention_ref(q, pk, pv, bias, sk, sv, d**-0.5)
+    sk[..., S:, :], sv[..., S:, :] = 1e3, 1e3  # nor the slots of later steps
+    suffix_bias = torch.where(torch.arange(slots) < S, 0.0, neg)
+    out = shared_prefix_attention(q, pk, pv, bias, sk, sv, suffix_bias, d**-0.5)
+    ref = shared_prefix_attention_ref(q, pk, pv, bias, sk[..., :S, :], sv[..., :S, :], torch.zeros(S), d**-0.5)
     assert out.shape == (B * G, kvh * n_rep * d)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 

@@ -28,11 +28,13 @@ def make_engine(
     seed: int = 0,
     mem_fraction_static: float = 0.5,
     image_loader: Callable[[Any], Any] | None = None,
+    compile: str = "off",
 ) -> RolloutEngine:
-    """The engine named by ``rollout.backend``: ``hf`` (shares ``model``) or ``sglang`` (loads ``model_path``;
-    ``image_loader`` maps a sample's image reference to the image the processor saw)."""
+    """The engine named by ``rollout.backend``: ``hf`` (shares ``model``; ``compile`` is ``rollout.compile``) or
+    ``sglang`` (loads ``model_path``; ``image_loader`` maps a sample's image reference to the image the processor
+    saw)."""
     if backend == "hf":
-        return HFEngine(model, tokenizer, seed=seed)
+        return HFEngine(model, tokenizer, seed=seed, compile=compile)
     if backend == "sglang":
         from rarl_fast.rollout.sglang import SGLangEngine, require_sglang
 

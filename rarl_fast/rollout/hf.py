@@ -6,6 +6,10 @@ pre-fill; with up to 8 images per prompt that is most of a rollout's compute. He
 pre-fill see B prompts, not B * G, and decode attention reads each prompt's keys and values once for its G
 samples instead of G copies. Sampling follows transformers' rules (temperature -> top-k -> top-p) and the
 returned log-probs are those of docs/method.md section 4 (``logits / T`` before truncation), in float32.
+
+The decode step has static shapes and samples inside (:mod:`rarl_fast.rollout.decode`), so ``compile``
+(``rollout.compile``) can run it through ``torch.compile``, replayed as CUDA graphs on GPU with
+``reduce-overhead``; compiled and eager steps sample the same tokens.
 """
 
 from __future__ import annotations
@@ -18,13 +22,27 @@ import torch
 from torch import Tensor
 
 from rarl_fast.rollout.base import GenerationParams, Rollouts
+from rarl_fast.rollout.decode import (
+    Arena,
+    DecodeOutputs,
+    DecodeRows,
+    TokenRule,
+    new_outputs,
+    new_rows,
+    sample_and_record,
+)
 from rarl_fast.rollout.positions import completion_positions, mrope_positions
-from rarl_fast.rollout.sampling import hashed_uniforms, row_seeds, sample_next
-from rarl_fast.rollout.shared_prefix import SharedPrefixDecoder, text_parts
+from rarl_fast.rollout.sampling import row_seeds
+from rarl_fast.rollout.shared_prefix import SharedPrefixDecoder, compile_step, text_parts
 
 __all__ = ["HFEngine", "batch_field"]
 
 VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+# Decode steps between host syncs (the all-finished check and the bucket choice): free on the CPU, a pipeline
+# bubble on an accelerator, where a few steps past the last EOS cost less.
+SYNC_EVERY = {"cpu": 1}
+SYNC_EVERY_ACCELERATOR = 8
 
 
 def batch_field(batch: Any, name: str, default: Any = None) -> Any:
@@ -44,15 +62,57 @@ def _group_keys(batch: Any, num_prompts: int) -> list[tuple[str, ...]]:
     return [(f"prompt-{i}",) for i in range(num_prompts)]
 
 
+class _ModelForwardDecoder:
+    """Decode through the model's own forward over the pre-fill cache copied to the G samples (eager only): the
+    reference the shared-prefix decoder is tested against, and the path for models :func:`text_parts` does not
+    support."""
+
+    def __init__(
+        self,
+        forward: Callable[..., tuple[Tensor, Any]],
+        cache: Any,
+        row_mask: Tensor,
+        positions: Tensor,
+        rows: DecodeRows,
+        out: DecodeOutputs,
+        sample: Callable[[Tensor, DecodeRows, Tensor], None],
+        G: int,
+    ):
+        """``row_mask`` [R, P] prompt mask per row; ``positions`` [3, R, T] mRoPE positions of the completion
+        tokens; ``sample(logits, rows, step)`` records the next token."""
+        cache.batch_repeat_interleave(G)
+        self.forward, self.cache, self.row_mask, self.positions = forward, cache, row_mask, positions
+        self.rows, self.out, self.sample = rows, out, sample
+        self.ones = torch.ones_like(row_mask[:, :1]).expand(-1, positions.shape[-1])
+        self.t = 0
+
+    def advance(self) -> None:
+        t = self.t
+        logits = self.forward(
+            input_ids=self.rows.last.unsqueeze(1),
+            attention_mask=torch.cat([self.row_mask, self.ones[:, : t + 1]], dim=1),
+            position_ids=self.positions[:, :, t : t + 1],
+            past_key_values=self.cache,
+        )[0]
+        self.sample(logits, self.rows, torch.full((1,), t + 1, device=logits.device))
+        self.t += 1
+
+    def compact(self) -> None:
+        """Rows are never moved here."""
+
+
 class HFEngine:
     """Shared-prefix group sampling on a transformers Qwen2.5-VL model (CPU or GPU).
 
     The engine uses the policy module it is given (colocated: no weight copy, so ``update_weights`` is a no-op
-    unless it was built with its own copy). With ``params.seed`` set, sampling is counter-based per row
-    (see :mod:`rarl_fast.rollout.sampling`): a row's completion depends only on the seed, its group key and
-    its sample index. Without it, one generator seeded at construction draws for the whole batch.
-    ``shared_prefix_decode=False`` (or a model :func:`text_parts` does not support) decodes through the model's
-    own forward over a KV cache copied to the G samples: the reference the shared-prefix path is tested against.
+    unless it was built with its own copy). Sampling is counter-based per row (see
+    :mod:`rarl_fast.rollout.sampling`): with ``params.seed`` set, a row's completion depends only on the seed, its
+    group key and its sample index; without it, each call draws its seed from a generator seeded at
+    construction. ``shared_prefix_decode=False`` (or a model :func:`text_parts` does not support) decodes through
+    the model's own forward over a KV cache copied to the G samples: the reference the shared-prefix path is
+    tested against. ``compile`` (``off``, ``default``, ``reduce-overhead``) compiles the shared-prefix decode
+    step (:func:`~rarl_fast.rollout.shared_prefix.compile_step`); a compiled engine keeps its decode buffers
+    between calls, asleep too (the KV of the largest batch so far), so that its CUDA graphs stay valid.
     """
 
     weights_version: Hashable | None = None  # RolloutEngine: a shared module always holds the current policy
@@ -65,9 +125,13 @@ class HFEngine:
         eos_token_ids: Iterable[int] | None = None,
         seed: int = 0,
         shared_prefix_decode: bool = True,
+        compile: str = "off",
     ):
         self.model = model
         self.shared_prefix_decode = shared_prefix_decode
+        self.compile = compile
+        self._step = compile_step(compile)
+        self._arena = Arena()
         cfg = model.config
         self.image_token_id = int(cfg.image_token_id)
         self.vision_start_id = int(cfg.vision_start_token_id)
@@ -83,7 +147,7 @@ class HFEngine:
         self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0])
         ids = tokenizer.convert_tokens_to_ids(list(VISION_SPECIAL_TOKENS))
         self.vision_token_ids = sorted({int(i) for i in ids if i is not None and i != tokenizer.unk_token_id})
-        self.generator = torch.Generator(device=self._device()).manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -102,7 +166,8 @@ class HFEngine:
                     params[name].copy_(tensor)
 
     def sleep(self) -> None:
-        """Nothing to release: the engine holds no memory of its own between calls."""
+        """Nothing released: an eager engine holds no memory between calls, and a compiled one keeps its decode
+        buffers on purpose (its CUDA graphs point at them; new buffers would re-record every graph each step)."""
 
     def wake(self) -> None:
         """Nothing to take back."""
@@ -120,36 +185,12 @@ class HFEngine:
             return self._generate(batch, n, params)
         finally:
             self.model.train(was_training)
+            if self.compile == "off":
+                self._arena.clear()  # eager steps gain nothing from stable addresses
 
     def _forward(self, **kw: Any) -> tuple[Tensor, Any]:
         out = self.model(use_cache=True, logits_to_keep=1, return_dict=True, **kw)
         return out.logits[:, -1], out.past_key_values
-
-    def _decoder(
-        self, cache: Any, mask: Tensor, row_mask: Tensor, positions: Tensor, G: int
-    ) -> Callable[[Tensor, int], Tensor]:
-        """``step(tokens [R], t) -> logits [R, V]``: feed completion token ``t`` of each of the R = B * G rows.
-
-        Args:
-            cache: the pre-fill's ``DynamicCache`` of the B prompts.
-            mask: [B, P] prompt mask; row_mask: [R, P] the same per row.
-            positions: [3, R, T] mRoPE positions of the completion tokens.
-        """
-        parts = text_parts(self.model) if self.shared_prefix_decode else None
-        if parts is not None:
-            return SharedPrefixDecoder(*parts, cache, mask, positions, G).step
-        cache.batch_repeat_interleave(G)
-        ones = torch.ones_like(row_mask[:, :1]).expand(-1, positions.shape[-1])
-
-        def step(tokens: Tensor, t: int) -> Tensor:
-            return self._forward(
-                input_ids=tokens.unsqueeze(1),
-                attention_mask=torch.cat([row_mask, ones[:, : t + 1]], dim=1),
-                position_ids=positions[:, :, t : t + 1],
-                past_key_values=cache,
-            )[0]
-
-        return step
 
     def _generate(self, batch: Any, n: int, params: GenerationParams) -> Rollouts:
         device = self._device()
@@ -160,9 +201,9 @@ class HFEngine:
         pixel_values = pixel_values.to(device) if pixel_values is not None else None
         grid = grid.to(device) if grid is not None else None
         B = ids.shape[0]
-        G, R = n, B * n
+        G, R, T = n, B * n, params.max_new_tokens
         keys = _group_keys(batch, B)
-        seeds = row_seeds(params.seed, keys, G).to(device) if params.seed is not None else None
+        seed = params.seed if params.seed is not None else int(torch.randint(1 << 62, (1,), generator=self.generator))
         t0 = time.perf_counter()
 
         # 1. Encode images and pre-fill the B prompts once.
@@ -174,57 +215,57 @@ class HFEngine:
         )
         prefill_s = time.perf_counter() - t0
 
-        # 2. Decode the G samples of each prompt over its shared prefix.
+        # 2. The first token of each row from the prompt's logits, then the G samples of each prompt decode
+        #    together over its shared prefix, one (compiled) step per token.
         row_mask = mask.repeat_interleave(G, dim=0)
-        num_real = row_mask.sum(dim=1)
-        row_deltas = deltas.repeat_interleave(G)
-        logits = logits.repeat_interleave(G, dim=0)
-        step = self._decoder(
-            cache, mask, row_mask, completion_positions(num_real, row_deltas, params.max_new_tokens), G
-        )
-        eos = torch.tensor(self.eos_token_ids, device=device)
-        vision = torch.tensor(self.vision_token_ids, device=device)
+        num_real, row_deltas = row_mask.sum(dim=1), deltas.repeat_interleave(G)
+        rule = TokenRule(params.temperature, params.top_k, params.top_p, self.pad_token_id)
+        stop_ids = torch.tensor(self.eos_token_ids or [-1], device=device)
+        cut_ids = torch.tensor(self.vision_token_ids or [-1], device=device)
 
-        tokens, logps, valid = [], [], []
-        finished = torch.zeros(R, dtype=torch.bool, device=device)
-        vision_cut = torch.zeros(R, dtype=torch.bool, device=device)
-        for t in range(params.max_new_tokens):
-            tok, lp = sample_next(
-                logits,
-                temperature=params.temperature,
-                top_k=params.top_k,
-                top_p=params.top_p,
-                greedy=params.greedy,
-                generator=self.generator,
-                uniforms=hashed_uniforms(seeds, t) if seeds is not None else None,
+        def sample(step_logits: Tensor, rows: DecodeRows, step: Tensor) -> None:
+            sample_and_record(step_logits, rows, out, rule, stop_ids, cut_ids, step)
+
+        out = new_outputs(self._arena, R, T, self.pad_token_id, device)
+        rows = new_rows(self._arena, row_seeds(seed, keys, G).to(device), num_real + row_deltas, params.greedy)
+        sample(logits.repeat_interleave(G, dim=0), rows, torch.zeros(1, dtype=torch.long, device=device))
+        parts = text_parts(self.model) if self.shared_prefix_decode else None
+        if parts is not None:
+            decoder: SharedPrefixDecoder | _ModelForwardDecoder = SharedPrefixDecoder(
+                *parts, self._step, self._arena, cache, mask, rows, out, rule, stop_ids, cut_ids
             )
-            live = ~finished
-            cut = live & torch.isin(tok, vision)
-            vision_cut |= cut
-            live &= ~cut
-            tok = torch.where(live, tok, self.pad_token_id)
-            tokens.append(tok)
-            logps.append(torch.where(live, lp, 0.0))
-            valid.append(live)
-            finished |= cut | (live & torch.isin(tok, eos))
-            if t + 1 == params.max_new_tokens or bool(finished.all()):  # host sync: early stop
-                break
-            logits = step(tok, t)
-        completion_mask = torch.stack(valid, dim=1)
+        else:
+            positions = completion_positions(num_real, row_deltas, T)
+            decoder = _ModelForwardDecoder(self._forward, cache, row_mask, positions, rows, out, sample, G)
+        del cache, logits  # the shared-prefix decoder holds its own copy of the prompts' KV
+        sync_every = SYNC_EVERY.get(device.type, SYNC_EVERY_ACCELERATOR)
+        steps = 0
+        for t in range(T - 1):
+            if t % sync_every == 0:
+                if bool(decoder.rows.finished.all()):  # host sync: early stop
+                    break
+                decoder.compact()
+            decoder.advance()
+            steps += 1
+        width = int(out.ended_at[:R].clamp_max(T - 1).max()) + 1  # host sync: the longest row sets the width
         return Rollouts(
             prompt_ids=ids.repeat_interleave(G, dim=0),
             prompt_mask=row_mask,
-            completion_ids=torch.stack(tokens, dim=1),
-            completion_mask=completion_mask,
-            sampling_logp=torch.stack(logps, dim=1),
+            completion_ids=out.tokens[:R, :width].clone(),
+            completion_mask=out.valid[:R, :width].clone(),
+            sampling_logp=out.logp[:R, :width].clone(),
             group_index=torch.arange(B, device=device).repeat_interleave(G),
             group_keys=keys,
             is_mutated=torch.zeros(R, dtype=torch.bool, device=device),
-            truncated=~finished,
-            vision_cut=vision_cut,
+            truncated=out.ended_at[:R] == T,
+            vision_cut=out.cut[:R].clone(),
             pixel_values=pixel_values,
             image_grid_thw=grid,
             images_per_prompt=((ids == self.vision_start_id) & mask.bool()).sum(dim=1),
             num_generations=G,
-            extras={"prefill_s": prefill_s, "total_s": time.perf_counter() - t0},
+            extras={
+                "prefill_s": prefill_s,
+                "decode_steps": steps,
+                "total_s": time.perf_counter() - t0,
+            },
         )

@@ -45,9 +45,10 @@ def _mix64(x: Tensor) -> Tensor:
     return x ^ _lsr(x, 31)
 
 
-def hashed_uniforms(seeds: Tensor, step: int) -> Tensor:
-    """[R] float64 uniforms in (0, 1), a pure function of (seeds[r], step)."""
-    h = _mix64(seeds ^ _mix64(torch.full_like(seeds, step)))
+def hashed_uniforms(seeds: Tensor, step: int | Tensor) -> Tensor:
+    """[R] float64 uniforms in (0, 1), a pure function of (seeds[r], step); ``step`` an int or a one-element
+    long tensor (inside a compiled decode step)."""
+    h = _mix64(seeds ^ _mix64(torch.zeros_like(seeds) + step))
     return (_lsr(h, 11).double() + 0.5) / float(1 << 53)
 
 
@@ -77,32 +78,33 @@ def sample_next(
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
-    greedy: bool = False,
-    generator: torch.Generator | None = None,
-    uniforms: Tensor | None = None,
+    greedy: bool | Tensor = False,
+    uniforms: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """One token per row and its log-prob.
+    """One token per row and its log-prob. No host sync and no generator state: the same code runs eagerly
+    and inside a compiled (CUDA-graphed) decode step.
 
     Args:
         logits: [R, V] raw next-token logits (any float dtype; computed in float32).
-        uniforms: [R] float64 in (0, 1): sample by inverse CDF with these (counter-based seeding); else
-            ``torch.multinomial`` with ``generator``.
+        greedy: True for argmax everywhere, or [R] bool per row (a tensor, so that greedy and sampled calls
+            share one compiled step; both tokens are then computed).
+        uniforms: [R] float64 in (0, 1) from :func:`hashed_uniforms`: the token is drawn by inverse CDF with
+            them.
     Returns:
         tokens: [R] long; logp: [R] float32, ``log_softmax(logits / temperature)[token]``.
     """
     scaled = logits.float() / temperature
     lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
-    if greedy:
+    if greedy is True:
         tokens = scaled.argmax(dim=-1)
     else:
         if top_k > 0 or top_p < 1.0:
             probs = filter_logits(scaled, top_k, top_p).softmax(dim=-1)
         else:
             probs = (scaled - lse).exp_()
-        if uniforms is None:
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            cdf = probs.cumsum_(dim=-1)  # float32: its rounding (~1e-7) is far below any sampling resolution we need
-            target = (uniforms.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(1)
-            tokens = torch.searchsorted(cdf, target).squeeze(1).clamp_max(probs.shape[-1] - 1)
+        cdf = probs.cumsum_(dim=-1)  # float32: its rounding (~1e-7) is far below any sampling resolution we need
+        target = (uniforms.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(1)
+        tokens = torch.searchsorted(cdf, target).squeeze(1).clamp_max(probs.shape[-1] - 1)
+        if isinstance(greedy, Tensor):
+            tokens = torch.where(greedy, scaled.argmax(dim=-1), tokens)
     return tokens, (scaled.gather(1, tokens.unsqueeze(1)) - lse).squeeze(1)
