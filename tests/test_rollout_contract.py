@@ -224,9 +224,9 @@ def test_filters_match_transformers_warpers():
 
 def test_generation_params_validated():
     with pytest.raises(ValueError):
-        GenerationParams(temperature=0)
+        GenerationParams(max_new_tokens=8, temperature=0)
     with pytest.raises(ValueError):
-        GenerationParams(top_p=0)
+        GenerationParams(max_new_tokens=8, top_p=0)
 
 
 def test_unknown_backend():

@@ -101,7 +101,8 @@ def test_build_requests_one_request_per_sample_with_its_own_seed():
         assert "n" not in sp and sp["max_new_tokens"] == 64 and sp["temperature"] == 0.7 and sp["top_p"] == 0.9
         assert sp["top_k"] == -1 and sp["stop_token_ids"] == [7, 9] and sp["skip_special_tokens"] is False
         assert set(sp) <= set(RECORD["sampling_params"])
-    greedy = build_requests(texts, [["a"], ["b", "c"]], [1, 2], GenerationParams(greedy=True), stop_token_ids=None)
+    params = GenerationParams(max_new_tokens=8, greedy=True)
+    greedy = build_requests(texts, [["a"], ["b", "c"]], [1, 2], params, stop_token_ids=None)
     assert greedy["sampling_params"][0]["temperature"] == 0.0 and greedy["sampling_params"][0]["ignore_eos"] is True
     with pytest.raises(ValueError, match="placeholders"):
         build_requests(texts, [["a"], ["b"]], seeds, params)

@@ -18,9 +18,10 @@ __all__ = ["GenerationParams", "RolloutEngine", "Rollouts", "image_slices", "pla
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Sampling settings of one ``generate`` call (plain values, from ``cfg.rollout``)."""
+    """Sampling settings of one ``generate`` call (plain values, from ``cfg.rollout`` in training). The defaults
+    are plain sampling: untempered, no top-p or top-k truncation, unseeded."""
 
-    max_new_tokens: int = 512
+    max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
