@@ -19,6 +19,7 @@ import triton
 
 import rarl_kernels
 from rarl_kernels import _utils, aot
+from rarl_kernels.loss_types import SURROGATE
 
 # Constexpr switches that only the interpreter sets (see `_utils.dot_flags`): always off in a compiled kernel.
 INTERPRETER_ONLY = {"DOT_F32"}
@@ -80,6 +81,9 @@ def test_every_kernel_and_flag_is_compiled(builds):
             elif seen <= {"0", "1"}:
                 missing = {"0", "1"} - seen
                 assert not missing, f"{kernel}: the option sweep never sets {name} to {missing}"
+    surrogates = {item.split("=")[1] for b in by_kernel["_grpo_token_kernel"] for item in b["flags"].split(",")
+                  if item.startswith("SURROGATE=")}  # fmt: skip
+    assert surrogates == set(SURROGATE.values()), surrogates
     for arch in aot.ARCHS:
         dots = [b for b in builds if b["arch"] == arch and b["has_dot"] and b["dtype"] == "bf16"]
         assert {b["kernel"] for b in dots} == {
