@@ -39,7 +39,7 @@ from rarl_kernels._utils import (
 from rarl_kernels.aggregation import LOSS_TYPES, grpo_metrics, token_weights
 from rarl_kernels.grpo_loss import TokenOperands, TokenParams, grpo_token, grpo_token_torch, per_token_inputs
 from rarl_kernels.linear_logprobs import fused_linear_logprobs
-from rarl_kernels.reference import fused_linear_grpo_loss_ref
+from rarl_kernels.reference import fused_linear_grpo_loss_ref, fused_linear_logprobs_ref, grpo_token_loss_ref
 
 # Rows of the per-token output block written by `_grpo_rows_kernel`.
 STATS = ("logp", "lse", "entropy", "loss", "kl", "ratio", "clipped", "coef")
@@ -294,7 +294,8 @@ def fused_linear_grpo_loss(
     bias_correction_kl: bool = False,
     impl: str | None = None,
     chunk_bytes: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return_per_token: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
     """GRPO loss straight from the policy's last hidden states, never holding the [B*T, V] logits.
 
     hidden [B, T, H]; weight [V, H]; labels, mask [B, T]; advantages [B]; bias [V] | None; logp_old,
@@ -303,7 +304,9 @@ def fused_linear_grpo_loss(
     bias_correction_kl multiplies the KL term by the ratio (Liger's use_bias_correction_kl; see `grpo_loss`).
     Loss semantics and metrics: `grpo_loss`, plus "entropy_mean" (of the policy at temperature T) when
     compute_entropy. Differentiable w.r.t. hidden, weight and bias; the gradients are computed during the
-    forward (see the module docstring).
+    forward (see the module docstring). With return_per_token, a third output holds the per-token values of
+    the pass, [B, T] fp32 without gradient: "logp", "kl", "ratio", "clipped" and "entropy" (when
+    compute_entropy), for a trainer that logs statistics of its own.
     """
     if loss_type not in LOSS_TYPES:
         raise NotImplementedError(f"loss_type={loss_type!r} is not supported (supported: {LOSS_TYPES})")
@@ -316,10 +319,14 @@ def fused_linear_grpo_loss(
             logp_ref = fused_linear_logprobs(ref_hidden, ref_weight, labels, temperature=temperature, bias=ref_bias,
                                              impl=impl, chunk_bytes=chunk_bytes)  # fmt: skip
     if impl == "torch":
-        return fused_linear_grpo_loss_ref(
+        out = fused_linear_grpo_loss_ref(
             hidden, weight, labels, mask, advantages, bias=bias, logp_old=logp_old, logp_ref=logp_ref,
             is_ratio=is_ratio, temperature=temperature, compute_entropy=compute_entropy, **kw,
         )  # fmt: skip
+        if not return_per_token:
+            return out
+        return *out, _per_token_ref(hidden, weight, labels, bias, logp_old, logp_ref, advantages, is_ratio,
+                                    temperature, compute_entropy, kw)  # fmt: skip
     B, T, H = hidden.shape
     h2 = hidden.reshape(B * T, H)
     w = weight if weight.dtype == h2.dtype else weight.to(h2.dtype)
@@ -336,4 +343,23 @@ def fused_linear_grpo_loss(
     loss, stats = _FusedLinearGRPO.apply(h2, w, bias, y, tok, needs, opts, impl, chunk_bytes)
     st = {k: stats[i].view(B, T) for i, k in enumerate(STATS)}
     entropy = st["entropy"] if compute_entropy else None
-    return loss, grpo_metrics(mask, st["kl"], st["ratio"], st["clipped"], beta, entropy)
+    metrics = grpo_metrics(mask, st["kl"], st["ratio"], st["clipped"], beta, entropy)
+    if not return_per_token:
+        return loss, metrics
+    per_token = {k: st[k] for k in ("logp", "kl", "ratio", "clipped")}
+    return loss, metrics, per_token | ({"entropy": entropy} if compute_entropy else {})
+
+
+def _per_token_ref(hidden, weight, labels, bias, logp_old, logp_ref, advantages, is_ratio, temperature, entropy, kw):
+    """`return_per_token`'s values on the reference path (a second materializing pass, without gradient)."""
+    with torch.no_grad():
+        logp, ent = fused_linear_logprobs_ref(hidden, weight, labels, temperature=temperature, bias=bias,
+                                              return_entropy=True)  # fmt: skip
+        if is_ratio is not None:
+            is_ratio = is_ratio.reshape(is_ratio.shape[0], -1)
+        _, kl, ratio, clipped = grpo_token_loss_ref(
+            logp, logp_old, logp_ref, advantages, eps_low=kw["eps_low"], eps_high=kw["eps_high"], beta=kw["beta"],
+            is_ratio=is_ratio, bias_correction_kl=kw["bias_correction_kl"],
+        )  # fmt: skip
+    out = {"logp": logp, "kl": kl, "ratio": ratio, "clipped": clipped}
+    return out | ({"entropy": ent} if entropy else {})

@@ -1,0 +1,241 @@
+"""TRL 1.16's GRPOTrainer, two steps on a tiny model on the CPU, three ways: as shipped, with our kernel in TRL's
+fused lm-head (`patch_trl()`), and with our fused GRPO loss (`FusedGRPOTrainer`). Losses, logged metrics and final
+weights agree within 1e-5 (fp32), and our kernels are the ones that ran.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+import trl
+import trl.trainer.utils as trl_utils
+from safetensors.torch import load_file
+from trl.kernels import ChunkedLogProbFunction as TRLKernel
+
+import rarl_kernels.integrations.trl as rarl_trl
+from rarl_kernels.aggregation import LOSS_TYPES
+from tests.helpers.tiny_lm import PROMPTS, distinct_characters, save_tiny_lm
+
+TRL_VERSION = "1.16.0"
+
+ACCUMULATE = {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2, "steps_per_generation": 4}
+# GRPOConfig overrides per case; the loss types the fused kernels lack run TRL's loss (with a warning), so this
+# list covers them too and checks each against TRL either way.
+CASES = [
+    # TRL's defaults (dapo, beta 0); step 2 is off-policy (old log-probs, clipped ratios)
+    pytest.param({}, id="defaults"),
+    # a reference model and KL term, with TRL's default bias correction (KL times the ratio)
+    pytest.param({"beta": 0.1, "loss_type": "grpo"}, id="grpo-beta0.1"),
+    pytest.param({"beta": 0.1, "use_bias_correction_kl": False, "loss_type": "bnpo", "epsilon_high": 0.28},
+                 id="bnpo-beta0.1-plain-kl"),
+    # two accumulation steps per optimizer step (the loss scaled per micro-batch), one rollout for both steps
+    pytest.param({"loss_type": "dr_grpo", **ACCUMULATE}, id="dr_grpo-accumulate2"),
+    pytest.param({"beta": 0.05, **ACCUMULATE}, id="dapo-beta0.05-accumulate2"),
+    pytest.param({"loss_type": "cispo", "epsilon_high": 5.0}, id="cispo"),
+    pytest.param({"loss_type": "sapo"}, id="sapo"),
+    pytest.param({"loss_type": "luspo", "importance_sampling_level": "sequence"}, id="luspo-sequence"),
+    pytest.param({"loss_type": "vespo"}, id="vespo"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    assert trl.__version__ == TRL_VERSION, f"constraints.txt pins TRL {TRL_VERSION}, found {trl.__version__}"
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_capped(tmp_path_factory):
+    """The tiny model with a logit soft cap and scale in its config: TRL's fused lm-head applies both."""
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm_capped"), final_logit_softcapping=3.0, logit_scale=0.8)
+
+
+class KernelCalls:
+    """Counts, per kernel, the lm-head passes that ran with gradient (the loss) and without (old/ref log-probs)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = {"trl": [0, 0], "ours-logprobs": [0, 0], "ours-grpo": [0, 0]}
+        self._wrap(monkeypatch, TRLKernel, "apply", "trl")
+        self._wrap(monkeypatch, rarl_trl, "fused_linear_logprob_stats", "ours-logprobs")
+        self._wrap(monkeypatch, rarl_trl, "fused_linear_grpo_loss", "ours-grpo")
+
+    def _wrap(self, monkeypatch, owner, name, key):
+        inner = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            self.calls[key][torch.is_grad_enabled()] += 1
+            return inner(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, staticmethod(counted) if isinstance(owner, type) else counted)
+
+
+def _train(model_dir, out_dir, overrides, way, monkeypatch, *, compact_rows=False):
+    """Two GRPO steps, `way` = "trl" | "patch_trl" | "fused_loss"; returns (trainer, kernel calls, warnings).
+    `compact_rows`: TRL's head scores only the labelled positions, as it does on Triton devices."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    settings = dict(
+        output_dir=str(out_dir), use_cpu=True, bf16=False, fp16=False, seed=7, per_device_train_batch_size=4,
+        num_generations=4,
+        steps_per_generation=2,  # one rollout of 8 completions for two optimizer steps: the second is off-policy
+        max_completion_length=8, max_steps=2,
+        # Plain SGD: the weights differ by lr x the gradient difference (AdamW's g / sqrt(v) would turn gradients
+        # that are zero up to rounding into lr-sized steps). A large lr (the gradient is clipped to norm 1) makes
+        # step 2 see a moved policy: KL > 0 and clipped ratios.
+        optim="sgd", learning_rate=2.0,
+        # a random model almost never samples EOS: favour it while sampling, so that the loss mask has padding
+        generation_kwargs={"sequence_bias": [[[tok.eos_token_id], 4.0]]},
+        logging_steps=1, save_strategy="no", report_to="none", dataloader_num_workers=0, disable_tqdm=True,
+    )  # fmt: skip
+    args = trl.GRPOConfig(**(settings | overrides))
+    with monkeypatch.context() as mp:
+        calls = KernelCalls(mp)
+        if compact_rows:
+            mp.setattr(trl_utils, "_use_triton", lambda device: True)  # the layout only: TRL's kernel stays in torch
+        if way == "patch_trl":
+            mp.setattr(trl_utils, "_ChunkedLogProbFunction", TRLKernel)  # restored on exit, after patch_trl()
+            rarl_trl.patch_trl()
+        cls = rarl_trl.FusedGRPOTrainer if way == "fused_loss" else trl.GRPOTrainer
+        data = Dataset.from_list([{"prompt": p} for p in PROMPTS])
+        trainer = cls(model=str(model_dir), reward_funcs=distinct_characters, args=args, train_dataset=data,
+                      processing_class=tok)  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+    assert trl_utils._ChunkedLogProbFunction is TRLKernel
+    return trainer, calls.calls, [str(w.message) for w in caught if "FusedGRPOLossMixin" in str(w.message)]
+
+
+def _logs(trainer):
+    return [e for e in trainer.state.log_history if "loss" in e]
+
+
+def _assert_same_run(ours, trl_run, overrides):
+    """Same completions and rewards, losses and TRL's metrics within 1e-5, weights within 1e-5 after two steps."""
+    ours_logs, trl_logs = _logs(ours), _logs(trl_run)
+    assert len(ours_logs) == len(trl_logs) == 2
+    for step, (o, r) in enumerate(zip(ours_logs, trl_logs), 1):
+        assert sorted(o) == sorted(r), (step, sorted(set(o) ^ set(r)))
+        assert o.get("completions/mean_length") == r.get("completions/mean_length"), step  # the same samples
+        assert o.get("reward") == r.get("reward"), step
+        for key, value in r.items():
+            if key in ("step_time", "epoch", "step") or not isinstance(value, float):
+                continue
+            assert math.isclose(o[key], value, rel_tol=1e-5, abs_tol=1e-5), (step, key, o[key], value)
+        assert ("kl" in r) == (overrides.get("beta", 0.0) != 0.0)
+    if overrides.get("loss_type", "dapo") in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        assert max(e["clip_ratio/region_mean"] for e in trl_logs) > 0  # step 2 is off-policy with clipped ratios
+    trl_sd = trl_run.model.state_dict()
+    for name, p in ours.model.state_dict().items():
+        torch.testing.assert_close(p, trl_sd[name], rtol=0, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("overrides", CASES)
+def test_grpo_trainer_three_ways(tiny_lm, tmp_path, monkeypatch, overrides):
+    shipped, trl_calls, _ = _train(tiny_lm, tmp_path / "trl", overrides, "trl", monkeypatch)
+    initial = load_file(tiny_lm / "model.safetensors")
+    moved = max((p - initial[name]).abs().max().item() for name, p in shipped.model.state_dict().items())
+    assert moved > 1e-2, moved  # the weight comparisons are not vacuous
+    assert trl_calls["ours-logprobs"] == trl_calls["ours-grpo"] == [0, 0]
+    losses = trl_calls["trl"][1]  # TRL's head with gradient: one per loss computation
+    assert losses >= 2
+
+    # 1. patch_trl(): every lm-head pass (loss, old and reference log-probs) is ours, none is TRL's
+    patched, calls, _ = _train(tiny_lm, tmp_path / "patched", overrides, "patch_trl", monkeypatch)
+    assert calls["trl"] == [0, 0] and calls["ours-logprobs"] == trl_calls["trl"], calls
+    _assert_same_run(patched, shipped, overrides)
+
+    # 2. FusedGRPOTrainer: the loss passes are our fused GRPO loss (TRL's kernel runs only without gradient, for
+    # the old and reference log-probs), or TRL's own loss, with one warning, where the kernels lack the loss type
+    fused, calls, warned = _train(tiny_lm, tmp_path / "fused", overrides, "fused_loss", monkeypatch)
+    supported = overrides.get("loss_type", "dapo") in LOSS_TYPES
+    if supported:
+        assert not warned and calls["ours-grpo"] == [0, losses] and calls["trl"] == [trl_calls["trl"][0], 0], calls
+    else:
+        assert len(warned) == 1 and overrides["loss_type"] in warned[0], warned
+        assert calls["ours-grpo"] == [0, 0] and calls["trl"] == trl_calls["trl"], calls
+    _assert_same_run(fused, shipped, overrides)
+
+
+def test_fused_loss_with_compact_lm_head_rows(tiny_lm, tmp_path, monkeypatch):
+    """TRL's head on Triton devices passes only the labelled rows; the fused loss places them back."""
+    overrides = {"beta": 0.1, "loss_type": "grpo"}
+    shipped, trl_calls, _ = _train(tiny_lm, tmp_path / "trl", overrides, "trl", monkeypatch, compact_rows=True)
+    fused, calls, warned = _train(tiny_lm, tmp_path / "fused", overrides, "fused_loss", monkeypatch,
+                                  compact_rows=True)  # fmt: skip
+    assert not warned and calls["ours-grpo"] == [0, trl_calls["trl"][1]]
+    _assert_same_run(fused, shipped, overrides)
+
+
+def test_soft_capped_scaled_logits(tiny_lm_capped, tmp_path, monkeypatch):
+    """A model whose config sets a logit soft cap and scale: patch_trl() computes them in our kernel; the fused loss
+    (plain logits only) warns once and runs TRL's loss from then on."""
+    overrides = {"beta": 0.1}
+    shipped, trl_calls, _ = _train(tiny_lm_capped, tmp_path / "trl", overrides, "trl", monkeypatch)
+    patched, calls, _ = _train(tiny_lm_capped, tmp_path / "patched", overrides, "patch_trl", monkeypatch)
+    assert calls["trl"] == [0, 0] and calls["ours-logprobs"] == trl_calls["trl"]
+    _assert_same_run(patched, shipped, overrides)
+    fused, calls, warned = _train(tiny_lm_capped, tmp_path / "fused", overrides, "fused_loss", monkeypatch)
+    assert len(warned) == 1 and "soft-capped" in warned[0], warned
+    # the first loss pass finds the cap, hands that forward to TRL's kernel and discards it: one pass more
+    assert calls["ours-grpo"] == [0, 0] and calls["trl"] == [trl_calls["trl"][0], trl_calls["trl"][1] + 1], calls
+    _assert_same_run(fused, shipped, overrides)
+
+
+@pytest.mark.parametrize("softcap,scale", [(None, 1.0), (3.0, 0.8)])
+@pytest.mark.parametrize("outputs", [("log_probs", *rarl_trl.TRL_OUTPUTS), ("log_probs",), ("log_probs", "is_top1")])
+def test_chunked_logprob_function_matches_trls(outputs, softcap, scale):
+    """Our `ChunkedLogProbFunction.apply` against TRL's on the same arguments (fp32, bias, temperature 0.7, some
+    targets the argmax): the five outputs (None where TRL gives None) and the gradients of the log-probs and the
+    entropy w.r.t. hidden, weight and bias within 1e-5 of the largest value."""
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 50, 32, 500
+    h, w, b = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) / 3, torch.randn(V, generator=g)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::4] = (h @ w.t() + b).argmax(-1)[::4]
+    up = torch.randn(2, N, generator=g)
+    results = []
+    for kernel in (rarl_trl.ChunkedLogProbFunction, TRLKernel):
+        leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+        out = kernel.apply(*leaves, targets, 0.7, 128, softcap, scale, outputs)
+        loss = (out[0] * up[0]).sum() + ((out[1] * up[1]).sum() if out[1] is not None else 0)
+        results.append((out, torch.autograd.grad(loss, leaves)))
+    (ours, ours_grads), (theirs, their_grads) = results
+    for name, a, r in zip(("log_probs", *rarl_trl.TRL_OUTPUTS), ours, theirs):
+        assert (a is None) == (r is None) == (name not in outputs), name
+        if r is not None:
+            assert a.dtype == r.dtype and a.shape == r.shape and a.requires_grad == r.requires_grad, name
+            if r.dtype == torch.bool:
+                assert torch.equal(a, r) and r.any(), name
+            else:
+                torch.testing.assert_close(a, r, rtol=0, atol=1e-5 * r.abs().max().item(), msg=name)
+    for name, a, r in zip("hwb", ours_grads, their_grads):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-5 * r.abs().max().item(), msg=f"grad {name}")
+
+
+def test_chunked_logprob_function_under_autocast():
+    """Under autocast TRL multiplies in the autocast dtype and returns fp32 per-token values; so do we (bf16:
+    values within bf16 rounding of TRL's, gradients in the inputs' dtype)."""
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(40, 32, generator=g), torch.randn(300, 32, generator=g) / 3
+    targets = torch.randint(0, 300, (40,), generator=g)
+    outs = []
+    for kernel in (rarl_trl.ChunkedLogProbFunction, TRLKernel):
+        hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp, ent, *_ = kernel.apply(hl, wl, None, targets, 1.0, 128, None, 1.0, ("log_probs", "entropy"))
+        (logp.sum() + ent.sum()).backward()
+        outs.append((logp, ent, hl.grad, wl.grad))
+    for a, r in zip(*outs):
+        assert a.dtype == r.dtype == torch.float32
+        torch.testing.assert_close(a, r, rtol=0, atol=2e-2 * r.abs().max().item())
+
+
+def test_patch_trl_refuses_trl_without_a_fused_head(monkeypatch):
+    monkeypatch.delattr(trl_utils, "_ChunkedLogProbFunction")
+    with pytest.raises(RuntimeError, match="has no fused lm-head"):
+        rarl_trl.patch_trl()
