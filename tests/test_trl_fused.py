@@ -70,13 +70,15 @@ class KernelCalls:
         monkeypatch.setattr(owner, name, staticmethod(counted) if isinstance(owner, type) else counted)
 
 
-def _train(model_dir, out_dir, overrides, way, monkeypatch, *, compact_rows=False):
+def _train(model_dir, out_dir, overrides, way, monkeypatch, *, compact_rows=False, rows=None, processor=None):
     """Two GRPO steps, `way` = "trl" | "patch_trl" | "fused_loss"; returns (trainer, kernel calls, warnings).
-    `compact_rows`: TRL's head scores only the labelled positions, as it does on Triton devices."""
+    `compact_rows`: TRL's head scores only the labelled positions, as it does on Triton devices. `rows` and
+    `processor`: the dataset rows and processing class (default: the text prompts and the model's tokenizer)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    tok = processor or AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    eos = getattr(tok, "tokenizer", tok).eos_token_id
     settings = dict(
         output_dir=str(out_dir), use_cpu=True, bf16=False, fp16=False, seed=7, per_device_train_batch_size=4,
         num_generations=4,
@@ -87,7 +89,7 @@ def _train(model_dir, out_dir, overrides, way, monkeypatch, *, compact_rows=Fals
         # step 2 see a moved policy: KL > 0 and clipped ratios.
         optim="sgd", learning_rate=2.0,
         # a random model almost never samples EOS: favour it while sampling, so that the loss mask has padding
-        generation_kwargs={"sequence_bias": [[[tok.eos_token_id], 4.0]]},
+        generation_kwargs={"sequence_bias": [[[eos], 4.0]]},
         logging_steps=1, save_strategy="no", report_to="none", dataloader_num_workers=0, disable_tqdm=True,
     )  # fmt: skip
     args = trl.GRPOConfig(**(settings | overrides))
@@ -99,7 +101,7 @@ def _train(model_dir, out_dir, overrides, way, monkeypatch, *, compact_rows=Fals
             mp.setattr(trl_utils, "_ChunkedLogProbFunction", TRLKernel)  # restored on exit, after patch_trl()
             rarl_trl.patch_trl()
         cls = rarl_trl.FusedGRPOTrainer if way == "fused_loss" else trl.GRPOTrainer
-        data = Dataset.from_list([{"prompt": p} for p in PROMPTS])
+        data = Dataset.from_list(rows or [{"prompt": p} for p in PROMPTS])
         trainer = cls(model=str(model_dir), reward_funcs=distinct_characters, args=args, train_dataset=data,
                       processing_class=tok)  # fmt: skip
         with warnings.catch_warnings(record=True) as caught:
@@ -239,3 +241,26 @@ def test_patch_trl_refuses_trl_without_a_fused_head(monkeypatch):
     monkeypatch.delattr(trl_utils, "_ChunkedLogProbFunction")
     with pytest.raises(RuntimeError, match="has no fused lm-head"):
         rarl_trl.patch_trl()
+
+
+def test_vision_language_model(tiny_vlm_dir, tmp_path, monkeypatch):
+    """A tiny Qwen2.5-VL with an image per prompt: TRL's own multimodal input handling feeds both of our paths."""
+    from PIL import Image
+
+    from rarl_fast.model import load_processor
+
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=g, dtype=torch.uint8).numpy())
+              for _ in range(4)]  # fmt: skip
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How old?"}]}],
+             "image": image} for image in images]  # fmt: skip
+    kw = dict(rows=rows, processor=load_processor(tiny_vlm_dir))
+    overrides = {"beta": 0.1}
+    shipped, trl_calls, _ = _train(tiny_vlm_dir, tmp_path / "trl", overrides, "trl", monkeypatch, **kw)
+    assert shipped.state.log_history[0]["num_tokens"] > 4 * 4 * 16  # the prompts carry the image tokens
+    patched, calls, _ = _train(tiny_vlm_dir, tmp_path / "patched", overrides, "patch_trl", monkeypatch, **kw)
+    assert calls["trl"] == [0, 0] and calls["ours-logprobs"] == trl_calls["trl"]
+    _assert_same_run(patched, shipped, overrides)
+    fused, calls, warned = _train(tiny_vlm_dir, tmp_path / "fused", overrides, "fused_loss", monkeypatch, **kw)
+    assert not warned and calls["ours-grpo"] == [0, trl_calls["trl"][1]]
+    _assert_same_run(fused, shipped, overrides)

@@ -22,22 +22,16 @@ PACKAGES = ("verl", "verl.utils", "verl.utils.kernel", "verl.utils.experimental"
 
 
 @pytest.fixture
-def verl(monkeypatch):
-    """verl's packages from its wheel, without their __init__; verl modules imported during the test are dropped
-    afterwards."""
+def verl():
+    """verl's modules from its wheel, without the packages' __init__ (dropped again afterwards)."""
     wheel = trainer_releases.wheel("verl", VERL_VERSION)
     if wheel is None:
         pytest.skip(f"verl {VERL_VERSION} {trainer_releases.MISSING}")
-    for name in PACKAGES:
-        package = types.ModuleType(name)
-        package.__path__ = [f"{wheel}/{name.replace('.', '/')}"]
-        monkeypatch.setitem(sys.modules, name, package)
-    yield types.SimpleNamespace(
-        torch_functional=importlib.import_module("verl.utils.experimental.torch_functional"),
-        linear_cross_entropy=importlib.import_module("verl.utils.kernel.linear_cross_entropy"),
-    )
-    for name in [n for n in sys.modules if n.startswith("verl.") and n not in PACKAGES]:
-        del sys.modules[name]
+    with trainer_releases.packages_from_wheel(wheel, PACKAGES):
+        yield types.SimpleNamespace(
+            torch_functional=importlib.import_module("verl.utils.experimental.torch_functional"),
+            linear_cross_entropy=importlib.import_module("verl.utils.kernel.linear_cross_entropy"),
+        )
 
 
 def inputs(shape, H, V, seed, dtype=torch.float32):

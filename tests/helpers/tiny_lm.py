@@ -10,8 +10,10 @@ PROMPTS = ["What is 1 + 2?", "Name a colour.", "Count to three.", "Say hello."]
 
 
 def distinct_characters(completions, **kwargs) -> list[float]:
-    """Reward: distinct characters in the completion; varies within a group, so advantages are non-zero."""
-    return [float(len(set(c))) for c in completions]
+    """Reward: distinct characters in the completion (text, or conversational messages); varies within a group, so
+    advantages are non-zero."""
+    texts = [c if isinstance(c, str) else "".join(str(m["content"]) for m in c) for c in completions]
+    return [float(len(set(t))) for t in texts]
 
 
 def save_tiny_lm(out: Path, **config_extra) -> Path:
