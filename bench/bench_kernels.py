@@ -67,10 +67,17 @@ def eager_loss(h, w, y, mask, adv, old, ref):
     return grpo_loss_ref(logp, old, ref, adv, mask, beta=BETA, loss_type=LOSS_TYPE)[0]
 
 
+class Unavailable(Exception):
+    """A provider whose library is not installed or fetched here."""
+
+
 def trl_loss_fn():
     """TRL 1.16: its chunked log-prob kernel as its fused lm-head calls it, then the per-token loss in torch."""
-    import trl.trainer.utils as trl_utils
-    from trl.kernels import ChunkedLogProbFunction
+    try:
+        import trl.trainer.utils as trl_utils
+        from trl.kernels import ChunkedLogProbFunction
+    except ImportError as err:
+        raise Unavailable(f"TRL 1.15+ is not installed ({err})") from err
 
     def trl_loss(h, w, y, mask, adv, old, ref):
         logp = ChunkedLogProbFunction.apply(h.reshape(-1, h.shape[-1]), w, None, y.reshape(-1), 1.0,
@@ -87,7 +94,7 @@ def verl_loss_fn():
 
     wheel = trainer_releases.wheel("verl", "0.9.1")
     if wheel is None:
-        raise SystemExit(f"provider verl: verl 0.9.1 {trainer_releases.MISSING}")
+        raise Unavailable(f"verl 0.9.1 {trainer_releases.MISSING}")
     with trainer_releases.packages_from_wheel(wheel, ("verl", "verl.utils", "verl.utils.experimental")):
         from verl.utils.experimental.torch_functional import FusedLinearForPPO
     verl = FusedLinearForPPO(impl_backend="torch")
@@ -99,32 +106,43 @@ def verl_loss_fn():
     return verl_loss
 
 
-def make_providers(names, device):
+def make_providers(names, device, *, required=True):
+    """name -> loss function of (h, w, y, mask, adv, old, ref). A trainer provider that is not available here stops
+    the run when `required`, else is left out with a line saying so."""
     out = {}
     for name in names:
-        if name == "torch":
-            out[name] = eager_loss
-        elif name == "compile":
-            out[name] = torch.compile(eager_loss)
-        elif name == "liger":
-            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-            liger = LigerFusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE, compiled=device.type == "cuda")
-            out[name] = lambda h, w, y, mask, adv, old, ref, m=liger: m(
-                h, w, y, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old
-            )[0]
-        elif name == "trl":
-            out[name] = trl_loss_fn()
-        elif name == "verl":
-            out[name] = verl_loss_fn()
-        elif name == "ours":
-            ours = FusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE)
-            out[name] = lambda h, w, y, mask, adv, old, ref, m=ours: m(
-                h, w, y, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old
-            )[0]
-        else:
-            raise SystemExit(f"unknown provider {name!r}")
+        try:
+            out[name] = make_provider(name, device)
+        except Unavailable as err:
+            if required:
+                raise SystemExit(f"provider {name}: {err}") from err
+            print(f"provider {name} left out: {err}")
     return out
+
+
+def make_provider(name, device):
+    """The loss function of provider `name`."""
+    if name == "torch":
+        return eager_loss
+    if name == "compile":
+        return torch.compile(eager_loss)
+    if name == "trl":
+        return trl_loss_fn()
+    if name == "verl":
+        return verl_loss_fn()
+    if name == "liger":
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        except ImportError as err:
+            raise Unavailable(f"Liger is not installed ({err})") from err
+        module = LigerFusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE, compiled=device.type == "cuda")
+    elif name == "ours":
+        module = FusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE)
+    else:
+        raise SystemExit(f"unknown provider {name!r}")
+    return lambda h, w, y, mask, adv, old, ref: module(
+        h, w, y, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old
+    )[0]
 
 
 def timer(device, reps):
@@ -226,12 +244,11 @@ def print_table(rows):
         mem = r["peak_mb"] / b["peak_mb"] if b and b["peak_mb"] == b["peak_mb"] else float("nan")
         print(f"{r['shape']:15} {r['mode']:8} {r['provider']:9} {r['ms']:10.2f} {speed:7.2f}x {r['peak_mb']:10.1f} "
               f"{mem:9.3f} {r['tflops']:8.3f}")  # fmt: skip
-    for (shape, mode), b in base.items():
-        ours = [r for r in rows if r["provider"] == "ours" and r["shape"] == shape and r["mode"] == mode]
-        if mode == "full" and ours:
-            o = ours[0]
-            print(f"{shape}: ours/torch, forward+backward: time {o['ms'] / b['ms']:.2f}x, "
-                  f"peak extra memory {o['peak_mb'] / b['peak_mb']:.3f}x")  # fmt: skip
+    full = [r for r in rows if r["mode"] == "full"]
+    for o in (r for r in full if r["provider"] == "ours"):
+        for other in (r for r in full if r["shape"] == o["shape"] and r["provider"] not in ("ours", "matmul")):
+            print(f"{o['shape']}: ours/{other['provider']}, forward+backward: time {o['ms'] / other['ms']:.2f}x, "
+                  f"peak extra memory {o['peak_mb'] / other['peak_mb']:.3f}x")  # fmt: skip
 
 
 def main(argv=None):
@@ -248,7 +265,8 @@ def main(argv=None):
     cuda = device.type == "cuda"
     shapes = args.shape or (["qwen2.5-vl-3b", "qwen2.5-vl-7b"] if cuda else ["cpu"])
     default_providers = "torch,compile,liger,trl,verl,ours" if cuda and not args.quick else "torch,liger,trl,verl,ours"
-    providers = make_providers((args.providers or default_providers).split(","), device)
+    providers = make_providers((args.providers or default_providers).split(","), device,
+                               required=args.providers is not None)  # fmt: skip
     reps = 2 if args.quick else args.reps
     if not cuda:
         torch.set_num_threads(os.cpu_count() or 1)
