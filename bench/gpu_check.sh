@@ -146,7 +146,7 @@ part_kernels_7b() {
 # The compile report's twin: the driver's registers / spills / shared memory of every kernel variant the ops load
 # on this GPU, beside the ahead-of-time compile for its tile family (dry run: one kernel compiled, no file).
 part_kernel_report() {
-  if [ "$DRY" = 1 ]; then env -u TRITON_INTERPRET "$PY" -m rarl_kernels.aot --arch 90 --jobs 2 --kernel _grpo_loss_fwd_kernel
+  if [ "$DRY" = 1 ]; then env -u TRITON_INTERPRET "$PY" -m rarl_kernels.aot --arch 90 --jobs 2 --kernel _grpo_token_kernel
   else "$PY" bench/kernel_report.py --device cuda
   fi
 }

@@ -1,6 +1,7 @@
-"""From per-token losses to the scalar loss and the metrics: Liger's aggregations as per-token weights.
+"""From per-token losses to the scalar loss and the metrics: every aggregation as per-token weights.
 
-Plain torch, no host sync: the weights are built on the device, the metrics stay tensors.
+Plain torch, no host sync: the weights are built on the device, the metrics stay tensors. Which loss type
+aggregates how is `loss_types.AGGREGATION`.
 """
 
 from __future__ import annotations
@@ -8,34 +9,35 @@ from __future__ import annotations
 import torch
 
 from rarl_kernels._utils import world_size as _default_world_size
-
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+from rarl_kernels.loss_types import AGGREGATION, LOSS_TYPES, check_loss_options
 
 
 def token_weights(mask, loss_type, *, max_completion_length=None, num_items_in_batch=None, world_size=None):
-    """[B, T] fp32 weights w such that loss = sum(w * l) (Liger's aggregations; no host sync).
+    """[B, T] fp32 weights w such that loss = sum(w * l) (no host sync). mask [B, T] (0 off the completion).
 
-    grpo: mask / (clamp(row count, 1) * B); bnpo: mask / clamp(total count, 1); dapo: mask /
-    clamp(num_items_in_batch / world_size, 1), or the call's count without num_items_in_batch; dr_grpo:
-    mask / (B * max_completion_length). bnpo ignores num_items_in_batch, as Liger's does.
+    sequence_mean (grpo, sapo): mask / (clamp(row count, 1) * B); call_tokens (bnpo): mask / clamp(total count, 1),
+    ignoring num_items_in_batch as Liger and TRL do; global_tokens (dapo, cispo, vespo): mask /
+    clamp(num_items_in_batch / world_size, 1), or the call's count without num_items_in_batch; fixed_length
+    (dr_grpo): mask / (B * max_completion_length); sequence_sum (luspo): mask / B, TRL's masked row sums averaged
+    over rows (Liger instead weights every position, padding included, by its row's length / (B * T)).
     """
+    check_loss_options(loss_type)
     m = mask.float()
     B = m.shape[0]
-    if loss_type == "grpo":
+    kind = AGGREGATION[loss_type]
+    if kind == "sequence_mean":
         return m / (m.sum(-1, keepdim=True).clamp(min=1.0) * B)
-    if loss_type == "bnpo":
+    if kind == "call_tokens" or (kind == "global_tokens" and num_items_in_batch is None):
         return m / m.sum().clamp(min=1.0)
-    if loss_type == "dapo":
-        if num_items_in_batch is None:
-            return m / m.sum().clamp(min=1.0)
+    if kind == "global_tokens":
         ws = world_size if world_size is not None else _default_world_size()
         n = torch.as_tensor(num_items_in_batch, device=m.device, dtype=torch.float32)
         return m / (n / ws).clamp(min=1.0)
-    if loss_type == "dr_grpo":
+    if kind == "fixed_length":
         if max_completion_length is None:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
+            raise ValueError(f"loss_type={loss_type!r} needs max_completion_length")
         return m / float(B * max_completion_length)
-    raise NotImplementedError(f"loss_type={loss_type!r} is not supported (supported: {LOSS_TYPES})")
+    return m / float(max(B, 1))  # sequence_sum
 
 
 def aggregate(loss_mat, mask, mode, *, max_completion_length=None, num_items_in_batch=None, world_size=None):
@@ -46,7 +48,10 @@ def aggregate(loss_mat, mask, mode, *, max_completion_length=None, num_items_in_
 
 
 def grpo_metrics(mask, kl, ratio, clipped, beta, entropy=None) -> dict[str, torch.Tensor]:
-    """Masked means over all tokens of the call, as Liger defines its metrics (tensors, no .item())."""
+    """Masked means over all tokens of the call, as Liger defines its metrics (tensors, no .item()).
+
+    With sequence-level importance sampling the ratio and the clip flag are the sequence's, counted once per token
+    (Liger's weighting; TRL logs the mean over sequences instead)."""
     m = mask.float()
     n = m.sum().clamp(min=1.0)
     out = {}
@@ -57,3 +62,6 @@ def grpo_metrics(mask, kl, ratio, clipped, beta, entropy=None) -> dict[str, torc
     if entropy is not None:
         out["entropy_mean"] = (entropy * m).sum() / n
     return out
+
+
+__all__ = ["LOSS_TYPES", "aggregate", "grpo_metrics", "token_weights"]

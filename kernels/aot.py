@@ -1,8 +1,9 @@
 """Ahead-of-time compilation of every kernel variant for real GPUs, on a machine without one.
 
 `launch_variants(arch)` runs the ops over every option combination they accept (fp32 and bf16, bias, old and
-reference log-probs, importance weights, bias correction, entropy gradient, logit soft cap, every per-row statistic,
-full and partial row chunks, aligned and odd vocabulary sizes) under `capture_launches(arch)`, so the launchers
+reference log-probs, importance weights, bias correction, every surrogate, token- and sequence-level ratios,
+entropy gradient, logit soft cap, every per-row statistic, full and partial row chunks, chunks of whole sequences
+and the log-prob pre-pass, aligned and odd vocabulary sizes) under `capture_launches(arch)`, so the launchers
 choose tiles and flags exactly as on a GPU of that tile family, and returns the distinct launches: kernel, argument
 specialization (Triton's own binder, so integer and pointer alignment attributes are those of a real launch),
 constexprs and launch options. Variants are what the launchers really launch, never a list kept by hand: a new flag
@@ -56,6 +57,8 @@ TENSOR_CORE_OP = {80: re.compile(r"HMMA"), 90: re.compile(r"HGMMA"), 100: re.com
 SHAPES = {"aligned": (168, 128, 1008), "odd-vocab": (168, 128, 1000)}
 ROWS_PER_CHUNK = 128
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# (loss_type, importance_sampling_level) beyond the token-level clipped surrogate of the full option product.
+LOSS_VARIANTS = (("cispo", "token"), ("sapo", "token"), ("vespo", "token"), ("grpo", "sequence"), ("luspo", "sequence"))
 
 
 def target_name(arch: int) -> str:
@@ -144,6 +147,24 @@ def option_runs(dtype: torch.dtype, shape: tuple[int, int, int], device: str = "
         )  # fmt: skip
         loss.backward()
         yield
+    # every other surrogate and the sequence-level ratio, bare and with every per-token operand; then a chunk
+    # smaller than one sequence (the log-prob pre-pass of sequence-level losses)
+    for (loss_type, level), full in itertools.product(LOSS_VARIANTS, (False, True)):
+        h, w = leaf(B, T, H), leaf(V, H)
+        loss, _ = fused_linear_grpo_loss(
+            h, w, labels, mask, rand(B), logp_old=per_tok(), logp_ref=per_tok() if full else None,
+            is_ratio=per_tok().exp() if full else None, bias_correction_kl=full, loss_type=loss_type,
+            importance_sampling_level=level, delta=1.5 if full else None, eps_high=4.0 if loss_type == "cispo" else 0.2,
+            chunk_bytes=chunk, impl="triton",
+        )  # fmt: skip
+        loss.backward()
+        yield
+    h, w = leaf(B, T, H), leaf(V, H)
+    loss, _ = fused_linear_grpo_loss(h, w, labels, mask, rand(B), logp_old=per_tok(),
+                                     importance_sampling_level="sequence", chunk_bytes=T // 2 * V * 4,
+                                     impl="triton")  # fmt: skip
+    loss.backward()
+    yield
     # reference log-probs from reference hidden states; a frozen lm_head (only the hidden states get a gradient)
     h, w = leaf(B, T, H), rand(V, H).to(dtype)
     loss, _ = fused_linear_grpo_loss(h, w, labels, mask, rand(B), ref_hidden=h.detach(),
@@ -167,6 +188,13 @@ def option_runs(dtype: torch.dtype, shape: tuple[int, int, int], device: str = "
         adv = rand(B)
         loss, _ = grpo_loss(logp, per_tok() if old else None, per_tok() if ref else None, adv, mask,
                             is_ratio=per_tok() if isw else None, bias_correction_kl=corr, impl="triton")  # fmt: skip
+        loss.backward()
+        yield
+    for (loss_type, level), full in itertools.product(LOSS_VARIANTS, (False, True)):
+        logp = (rand(B, T) - 2).requires_grad_()
+        loss, _ = grpo_loss(logp, per_tok(), per_tok() if full else None, rand(B), mask, loss_type=loss_type,
+                            importance_sampling_level=level, is_ratio=per_tok().exp() if full else None,
+                            bias_correction_kl=full, impl="triton")  # fmt: skip
         loss.backward()
         yield
 

@@ -1,9 +1,10 @@
-"""`FusedLinearGRPOLoss`: a drop-in for Liger's `LigerFusedLinearGRPOLoss` (token-level options).
+"""`FusedLinearGRPOLoss`: a drop-in for Liger's `LigerFusedLinearGRPOLoss`.
 
-Same constructor and forward arguments, same loss, gradients and metrics list (KL mean first when
-beta != 0, clip ratio last), computed by `fused_linear_grpo_loss`. Options this module does not implement
-raise `NotImplementedError` naming them; `compiled` and `chunk_size` are accepted and ignored (the work
-buffer is bounded by `chunk_bytes` instead).
+The same constructor (positional order, names and defaults) and forward arguments, the same loss, gradients and
+metrics list (KL mean first when beta != 0, clip ratio last), computed by `fused_linear_grpo_loss`; invalid
+options raise the exception type Liger raises (ValueError; where Liger asserts, a ValueError too). `compiled` and
+`chunk_size` are accepted and ignored (the work buffer is bounded by `chunk_bytes` instead). Where Liger and TRL
+1.16 define a loss differently this module follows TRL (see `fused_linear_grpo_loss` and docs/method.md).
 """
 
 from __future__ import annotations
@@ -12,28 +13,16 @@ import torch
 
 from rarl_kernels._utils import world_size
 from rarl_kernels.fused_grpo import fused_linear_grpo_loss
-from rarl_kernels.grpo_loss import LOSS_TYPES
-
-# Liger constructor options beyond the shared ones, with the value under which they change nothing.
-_LIGER_ONLY_DEFAULTS = {
-    "sapo_temperature_pos": 1.0,
-    "sapo_temperature_neg": 1.05,
-    "delta": None,
-    "vespo_k_pos": 2.0,
-    "vespo_lambda_pos": 3.0,
-    "vespo_k_neg": 3.0,
-    "vespo_lambda_neg": 2.0,
-}
+from rarl_kernels.loss_types import AGGREGATION, check_loss_params
 
 
 class FusedLinearGRPOLoss(torch.nn.Module):
-    """GRPO loss from hidden states and the lm_head weight; see `fused_linear_grpo_loss`.
+    """GRPO-family loss from hidden states and the lm_head weight; see `fused_linear_grpo_loss`.
 
-    Supported: loss_type grpo | bnpo | dapo | dr_grpo, importance_sampling_level "token", reference
-    log-probs given or computed from ref_input/ref_weight/ref_bias, old log-probs given or None (on-policy),
-    vllm_is_ratio, num_items_in_batch, temperature, bias, use_bias_correction_kl (the KL term and the KL metric
-    times the importance ratio exp(logp - logp_old), with its gradient, as Liger's). Extra keywords: impl
-    ("triton" | "chunked" | "torch" | None) and chunk_bytes (work-buffer budget).
+    Every loss type (grpo, bnpo, dapo, dr_grpo, cispo, sapo, luspo, vespo), token- and sequence-level importance
+    sampling, delta, reference log-probs given or computed from ref_input/ref_weight/ref_bias, old log-probs given
+    or None (on-policy), vllm_is_ratio, num_items_in_batch, temperature, bias, use_bias_correction_kl. Extra
+    keyword-only arguments: impl ("triton" | "chunked" | "torch" | None) and chunk_bytes (work-buffer budget).
     """
 
     def __init__(
@@ -47,31 +36,30 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         loss_type: str = "dapo",
         max_completion_length: int | None = None,
         importance_sampling_level: str = "token",
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
         temperature: float = 1.0,
-        *,
+        delta: float | None = None,
         use_bias_correction_kl: bool = False,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
+        *,
         impl: str | None = None,
         chunk_bytes: int | None = None,
-        **liger_only,
     ):
         super().__init__()
-        unknown = sorted(set(liger_only) - set(_LIGER_ONLY_DEFAULTS))
-        if unknown:
-            raise TypeError(f"FusedLinearGRPOLoss got unexpected keyword arguments {unknown}")
-        changed = sorted(k for k, v in liger_only.items() if v != _LIGER_ONLY_DEFAULTS[k])
-        if changed:
-            raise NotImplementedError(f"FusedLinearGRPOLoss does not implement {changed}")
-        if loss_type not in LOSS_TYPES:
-            raise NotImplementedError(f"loss_type={loss_type!r} is not implemented (supported: {LOSS_TYPES})")
-        if importance_sampling_level != "token":
-            raise NotImplementedError(f"importance_sampling_level={importance_sampling_level!r} (only 'token')")
-        if loss_type == "dr_grpo" and max_completion_length is None:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
+        check_loss_params(delta=delta, sapo_temperature_pos=sapo_temperature_pos,
+                          sapo_temperature_neg=sapo_temperature_neg)  # fmt: skip
         self.beta, self.compiled, self.use_ref_model, self.chunk_size = beta, compiled, use_ref_model, chunk_size
         self.epsilon_low, self.epsilon_high, self.loss_type = epsilon_low, epsilon_high, loss_type
         self.max_completion_length, self.importance_sampling_level = max_completion_length, importance_sampling_level
-        self.temperature, self.impl, self.chunk_bytes = temperature, impl, chunk_bytes
-        self.use_bias_correction_kl = bool(use_bias_correction_kl)
+        self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg
+        self.temperature, self.delta, self.use_bias_correction_kl = temperature, delta, bool(use_bias_correction_kl)
+        self.vespo_k_pos, self.vespo_lambda_pos = vespo_k_pos, vespo_lambda_pos
+        self.vespo_k_neg, self.vespo_lambda_neg = vespo_k_neg, vespo_lambda_neg
+        self.impl, self.chunk_bytes = impl, chunk_bytes
 
     def forward(
         self,
@@ -99,9 +87,13 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                 ref_input = None
         else:  # Liger ignores the reference then: k3 = 0 (reported as such when beta != 0)
             ref_per_token_logps = ref_input = None
+        if vllm_is_ratio is not None and vllm_is_ratio.reshape(attention_mask.shape[0], -1).shape[1] not in (
+            1, attention_mask.shape[1]
+        ):  # fmt: skip
+            raise ValueError(f"vllm_is_ratio must be [B], [B, 1] or [B, T], got {tuple(vllm_is_ratio.shape)}")
         ws = world_size()
-        if self.loss_type == "dapo" and num_items_in_batch is None and ws > 1:
-            # Liger normalizes dapo by the global token count / world size; one all-reduce, no host sync.
+        if AGGREGATION.get(self.loss_type) == "global_tokens" and num_items_in_batch is None and ws > 1:
+            # Liger normalizes by the global token count / world size; one all-reduce, no host sync.
             num_items_in_batch = attention_mask.float().sum()
             torch.distributed.all_reduce(num_items_in_batch)
         loss, metrics = fused_linear_grpo_loss(
@@ -109,9 +101,13 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             bias=bias, logp_old=old_per_token_logps, logp_ref=ref_per_token_logps,
             ref_hidden=ref_input, ref_weight=ref_weight, ref_bias=ref_bias, is_ratio=vllm_is_ratio,
             eps_low=self.epsilon_low, eps_high=self.epsilon_high, beta=self.beta, loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level, delta=self.delta,
+            sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
+            vespo_k_pos=self.vespo_k_pos, vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg, bias_correction_kl=self.use_bias_correction_kl,
             max_completion_length=self.max_completion_length, num_items_in_batch=num_items_in_batch,
-            world_size=ws, temperature=self.temperature, compute_entropy=False,
-            bias_correction_kl=self.use_bias_correction_kl, impl=self.impl, chunk_bytes=self.chunk_bytes,
+            world_size=ws, temperature=self.temperature, compute_entropy=False, impl=self.impl,
+            chunk_bytes=self.chunk_bytes,
         )  # fmt: skip
         out = [metrics["kl_mean"]] if self.beta != 0.0 else []
         return loss, [*out, metrics["clip_ratio"]]

@@ -2,13 +2,18 @@
 
 Tests and benchmarks compare the Triton and chunked paths against these; `impl="torch"` runs them. Each takes
 `upcast=True` where a matmul is involved, to do it in fp32 (the truth a low-precision kernel is measured by).
+The GRPO-family math is written here as TRL 1.16's `GRPOTrainer._compute_loss` states it (tensor ops on [B, T]
+with autograd), independently of the kernels' formulation of the same math.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from rarl_kernels.aggregation import aggregate, grpo_metrics, token_weights
+from rarl_kernels.aggregation import grpo_metrics, token_weights
+from rarl_kernels.loss_types import LossOptions
 
 
 def _logits_ref(hidden, weight, bias, upcast):
@@ -55,59 +60,95 @@ def fused_linear_logprob_stats_ref(hidden, weight, labels, *, bias=None, tempera
     return logp, entropy, log_sum_sq, z.detach().mean(-1), is_argmax
 
 
-def grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, *, eps_low, eps_high, beta, is_ratio=None,
-                        bias_correction_kl=False):  # fmt: skip
-    """Per-token GRPO loss with autograd, written like Liger's: [B,T] each -> (loss, kl, ratio, clipped)."""
-    old = logp.detach() if logp_old is None else logp_old.float()
-    ratio = torch.exp(logp - old)
-    adv = advantages.float()[:, None]
-    lo, hi = 1 - eps_low, 1 + eps_high
-    loss = -torch.min(ratio * adv, torch.clamp(ratio, lo, hi) * adv)
+@torch.no_grad()
+def vespo_weights_ref(adv, log_ratio, mask, is_ratio, o: LossOptions):
+    """VESPO's detached gamma weight per sequence [B, 1]: w = exp(clamped sum of the token log-ratios plus the
+    rollout correction's log-weights), phi(w) = exp(lambda + k log w - lambda w), phi(1) = 1."""
+    floor = math.log(1e-8)
+    log_w = (log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True)
     if is_ratio is not None:
-        loss = loss * is_ratio
-    kl = torch.zeros_like(logp).detach()
-    if beta != 0.0:
+        log_w = log_w + torch.log(is_ratio).clamp(floor, 20.0).sum(-1, keepdim=True)
+    log_w = log_w.clamp(floor, 20.0)
+    nonneg = adv >= 0
+    k = torch.where(nonneg, o.vespo_k_pos, o.vespo_k_neg)
+    lam = torch.where(nonneg, o.vespo_lambda_pos, o.vespo_lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, mask, o: LossOptions, is_ratio=None):
+    """Per-token loss with autograd: logp, logp_old, logp_ref, mask [B, T]; advantages [B]; is_ratio [B, T] |
+    [B, 1] | None. Returns (loss, kl, ratio, clipped), [B, T] each (the last three detached)."""
+    adv = advantages.float()[:, None]
+    m = mask.float()
+    old = logp.detach() if logp_old is None else logp_old.float()
+    log_ratio = logp - old
+    if o.importance_sampling_level == "sequence":
+        log_w = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    else:
+        log_w = log_ratio
+    ratio = torch.exp(log_w)
+    no_clip = torch.zeros_like(ratio, dtype=torch.bool)
+    if o.surrogate == "cispo":
+        pg = -torch.clamp(ratio, max=o.eps_high).detach() * adv * logp
+        clipped = (ratio > o.eps_high) & (adv > 0)
+    elif o.surrogate == "sapo":
+        tau = torch.where(adv > 0, o.sapo_temperature_pos, o.sapo_temperature_neg)
+        pg = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+        clipped = no_clip
+    elif o.surrogate == "vespo":
+        pg = -vespo_weights_ref(adv, log_ratio, m, is_ratio, o) * adv * logp
+        clipped = no_clip
+    else:
+        lo, hi = 1 - o.eps_low, 1 + o.eps_high
+        capped = ratio if o.delta is None else torch.clamp(ratio, max=o.delta)
+        pg = -torch.min(capped * adv, torch.clamp(ratio, lo, hi) * adv)
+        clipped = ((ratio < lo) & (adv < 0)) | ((ratio > hi) & (adv > 0))
+    if is_ratio is not None and o.surrogate != "vespo":  # VESPO folds the correction into its weight
+        pg = pg * is_ratio
+    kl = torch.zeros_like(logp)
+    loss = pg
+    if o.beta != 0.0:
         ref = logp.detach() if logp_ref is None else logp_ref.float()
         kl = torch.exp(ref - logp) - (ref - logp) - 1.0
-        if bias_correction_kl:
-            kl = kl * ratio  # the ratio with its gradient, as Liger's `kl_div * torch.exp(log_importance_weights)`
-        loss = loss + beta * kl
-    clipped = ((ratio < lo) & (adv < 0)) | ((ratio > hi) & (adv > 0))
-    return loss, kl.detach(), ratio.detach(), clipped.float()
+        if o.bias_correction_kl:
+            kl = kl * ratio  # the ratio with its gradient, before any delta cap
+        loss = pg + o.beta * kl
+    shape = logp.shape
+    return (loss.expand(shape), kl.detach().expand(shape), ratio.detach().expand(shape),
+            clipped.float().expand(shape))  # fmt: skip
 
 
-def grpo_loss_ref(logp, logp_old, logp_ref, advantages, mask, *, eps_low=0.2, eps_high=0.2, beta=0.04,
-                  loss_type="dapo", max_completion_length=None, num_items_in_batch=None, is_ratio=None,
-                  world_size=None, bias_correction_kl=False):  # fmt: skip
-    """Reference of `grpo_loss` (autograd through torch.min/clamp, as Liger computes it)."""
-    if is_ratio is not None and is_ratio.dim() == 1:
-        is_ratio = is_ratio[:, None]
-    loss_mat, kl, ratio, clipped = grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, eps_low=eps_low,
-                                                       eps_high=eps_high, beta=beta, is_ratio=is_ratio,
-                                                       bias_correction_kl=bias_correction_kl)  # fmt: skip
-    loss = aggregate(loss_mat, mask, loss_type, max_completion_length=max_completion_length,
-                     num_items_in_batch=num_items_in_batch, world_size=world_size)  # fmt: skip
-    return loss, grpo_metrics(mask, kl, ratio, clipped, beta)
+def _per_row(is_ratio, B):
+    return None if is_ratio is None else is_ratio.float().reshape(B, -1)
+
+
+def grpo_loss_ref(logp, logp_old, logp_ref, advantages, mask, *, max_completion_length=None, num_items_in_batch=None,
+                  is_ratio=None, world_size=None, **options):  # fmt: skip
+    """Reference of `grpo_loss`; `options` are `LossOptions` fields."""
+    o = LossOptions(**options).checked()
+    loss_mat, kl, ratio, clipped = grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, mask, o,
+                                                       _per_row(is_ratio, logp.shape[0]))  # fmt: skip
+    w = token_weights(mask, o.loss_type, max_completion_length=max_completion_length,
+                      num_items_in_batch=num_items_in_batch, world_size=world_size)  # fmt: skip
+    return (loss_mat * w).sum(), grpo_metrics(mask, kl, ratio, clipped, o.beta)
 
 
 def fused_linear_grpo_loss_ref(hidden, weight, labels, mask, advantages, *, bias=None, logp_old=None, logp_ref=None,
-                               ref_hidden=None, ref_weight=None, ref_bias=None, is_ratio=None, eps_low=0.2,
-                               eps_high=0.2, beta=0.04, loss_type="dapo", max_completion_length=None,
-                               num_items_in_batch=None, world_size=None, temperature=1.0, compute_entropy=True,
-                               bias_correction_kl=False, upcast=False):  # fmt: skip
-    """Reference of `fused_linear_grpo_loss`: materialized [B, T, V] logits, autograd throughout."""
-    if logp_ref is None and ref_hidden is not None and beta != 0.0:
+                               ref_hidden=None, ref_weight=None, ref_bias=None, is_ratio=None,
+                               max_completion_length=None, num_items_in_batch=None, world_size=None, temperature=1.0,
+                               compute_entropy=True, upcast=False, **options):  # fmt: skip
+    """Reference of `fused_linear_grpo_loss`: materialized [B, T, V] logits, autograd throughout; `options` are
+    `LossOptions` fields."""
+    o = LossOptions(**options).checked()
+    if logp_ref is None and ref_hidden is not None and o.beta != 0.0:
         with torch.no_grad():
             logp_ref = fused_linear_logprobs_ref(ref_hidden, ref_weight, labels, temperature=temperature,
                                                  bias=ref_bias, upcast=upcast)  # fmt: skip
     logp, entropy = fused_linear_logprobs_ref(hidden, weight, labels, temperature=temperature, bias=bias,
                                               return_entropy=True, upcast=upcast)  # fmt: skip
-    if is_ratio is not None:
-        is_ratio = is_ratio.reshape(is_ratio.shape[0], -1)
-    loss_mat, kl, ratio, clipped = grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, eps_low=eps_low,
-                                                       eps_high=eps_high, beta=beta, is_ratio=is_ratio,
-                                                       bias_correction_kl=bias_correction_kl)  # fmt: skip
-    w = token_weights(mask, loss_type, max_completion_length=max_completion_length,
+    loss_mat, kl, ratio, clipped = grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, mask, o,
+                                                       _per_row(is_ratio, logp.shape[0]))  # fmt: skip
+    w = token_weights(mask, o.loss_type, max_completion_length=max_completion_length,
                       num_items_in_batch=num_items_in_batch, world_size=world_size)  # fmt: skip
     entropy = entropy.detach() if compute_entropy else None
-    return (loss_mat * w).sum(), grpo_metrics(mask, kl, ratio, clipped, beta, entropy)
+    return (loss_mat * w).sum(), grpo_metrics(mask, kl, ratio, clipped, o.beta, entropy)

@@ -143,7 +143,12 @@ themselves alone (our extension)."""
 ThinkStyle = Literal["fixed", "readings"]
 """How the rendered ground truth reasons: the fixed ``Reference answer.``, or each image's value in prompt order."""
 Task = Literal["synthetic", "age", "count", "aesthetics", "jsonl"]
-LossType = Literal["bnpo", "dapo", "grpo", "dr_grpo"]
+LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo", "vespo"]
+"""The GRPO-family losses of ``rarl_kernels`` (its ``LOSS_TYPES``; a test keeps the two equal, this module imports
+no torch)."""
+ImportanceSamplingLevel = Literal["token", "sequence"]
+"""One importance ratio per token, or one per sequence from its mean token log-ratio (GSPO)."""
+_TOKEN_LEVEL_ONLY = ("cispo", "sapo", "vespo")
 
 
 @dataclass(kw_only=True)
@@ -405,7 +410,32 @@ class LossConfig:
     eps_high: float = 0.2
     """Upper clip range: ratio is clipped at 1 + eps_high."""
     loss_type: LossType = "bnpo"
-    """Aggregation: bnpo/dapo token-mean, grpo seq-mean-token-mean, dr_grpo sum / (rows * max_new_tokens)."""
+    """The loss (docs/method.md section 4). Clipped ratio: bnpo/dapo (token mean over the step), grpo (mean over
+    rows of each row's token mean), dr_grpo (sum / (rows * max_new_tokens)), luspo (each row's sum, averaged over
+    rows: long rows weigh more; meant with importance_sampling_level=sequence). cispo: the ratio capped at eps_high
+    and detached, times the log-prob (token mean). sapo: a sigmoid gate on the ratio instead of the clip (row
+    means). vespo: a gamma weight of the sequence's ratio, detached, times the log-prob (token mean)."""
+    importance_sampling_level: ImportanceSamplingLevel = "token"
+    """token: one ratio per token; sequence: exp(mean log-ratio of the row) for every token of the row (GSPO),
+    its gradient reaching each token. Not with cispo, sapo or vespo."""
+    delta: float | None = None
+    """Cap of the unclipped ratio in the clipped losses (two-sided clipping, INTELLECT-2); above 1 + eps_high when
+    set. None: no cap. Ignored by cispo, sapo and vespo."""
+    sapo_temperature_pos: float = 1.0
+    """sapo: gate temperature for tokens with a positive advantage."""
+    sapo_temperature_neg: float = 1.05
+    """sapo: gate temperature for the other tokens."""
+    vespo_k_pos: float = 2.0
+    """vespo: power k of the gamma weight for advantages >= 0 (how hard ratios below 1 are down-weighted)."""
+    vespo_lambda_pos: float = 3.0
+    """vespo: decay lambda of the gamma weight for advantages >= 0 (how hard ratios above 1 are down-weighted)."""
+    vespo_k_neg: float = 3.0
+    """vespo: power k for negative advantages."""
+    vespo_lambda_neg: float = 2.0
+    """vespo: decay lambda for negative advantages."""
+    bias_correction_kl: bool = False
+    """Multiply the KL term by the importance ratio (with its gradient), the unbiased reverse-KL gradient of
+    DeepSeek-V3.2 (TRL's use_bias_correction_kl; TRL 1.16 turns it on by default)."""
     scale_by_std: bool = True
     """Divide advantages by the group's std (GRPO); False gives Dr.GRPO's mean-centred advantages."""
     std_unbiased: bool = False
@@ -418,6 +448,14 @@ class LossConfig:
         _check(self.eps_low >= 0, "eps_low", f"must be >= 0, got {self.eps_low}")
         _check(self.eps_low < 1, "eps_low", f"must be < 1 (ratio clipped at 1 - eps_low), got {self.eps_low}")
         _check(self.eps_high >= 0, "eps_high", f"must be >= 0, got {self.eps_high}")
+        _check(
+            self.importance_sampling_level == "token" or self.loss_type not in _TOKEN_LEVEL_ONLY,
+            "importance_sampling_level",
+            f"must be 'token' with loss_type={self.loss_type!r} (sequence level is defined for the clipped losses)",
+        )
+        _check(self.delta is None or self.delta > 0, "delta", f"must be > 0 or null, got {self.delta}")
+        _check(self.sapo_temperature_pos > 0, "sapo_temperature_pos", f"must be > 0, got {self.sapo_temperature_pos}")
+        _check(self.sapo_temperature_neg > 0, "sapo_temperature_neg", f"must be > 0, got {self.sapo_temperature_neg}")
 
 
 @dataclass(kw_only=True)

@@ -14,14 +14,15 @@ log-probs (``mode="logprobs"``) and SFT's negative log-likelihood (``mode="nll"`
 
 Aggregation over a whole optimizer step (docs/method.md section 4): every micro-batch's loss is scaled so that
 the gradients summed over micro-batches and averaged over ranks (DDP) equal the gradient of the step's loss:
-token-mean over all completion tokens of the step (``bnpo``/``dapo``, via ``num_items_in_batch``), mean of
-row means over all rows (``grpo``), or sum / (all rows * max_completion_length) (``dr_grpo``).
+token-mean over all completion tokens of the step (``bnpo``/``dapo``/``cispo``/``vespo``, via
+``num_items_in_batch``), mean of row means over all rows (``grpo``/``sapo``), sum / all rows (``luspo``), or
+sum / (all rows * max_completion_length) (``dr_grpo``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -29,11 +30,25 @@ from torch import Tensor, nn
 from rarl_fast.rollout.base import Rollouts
 from rarl_fast.rollout.positions import completion_positions, mrope_positions
 from rarl_kernels import fused_linear_grpo_loss, fused_linear_logprobs
+from rarl_kernels.loss_types import AGGREGATION, ROW_NORMALIZED
 
 if TYPE_CHECKING:
     from rarl_fast.config import Config
 
 __all__ = ["CompletionStates", "LossSettings", "PolicyModule", "StepCounts", "completion_states", "logprobs_ref"]
+
+# ``cfg.loss`` fields passed to `fused_linear_grpo_loss` under the same name.
+_KERNEL_OPTIONS = (
+    "importance_sampling_level",
+    "delta",
+    "sapo_temperature_pos",
+    "sapo_temperature_neg",
+    "vespo_k_pos",
+    "vespo_lambda_pos",
+    "vespo_k_neg",
+    "vespo_lambda_neg",
+    "bias_correction_kl",
+)
 
 
 @dataclass
@@ -130,18 +145,21 @@ class LossSettings:
     temperature: float
     max_completion_length: int
     impl: str | None  # None: the kernels' default for the device
+    options: dict[str, Any] = field(default_factory=dict)  # the kernels' other loss options (cfg.loss's TRL names)
 
     @classmethod
     def from_config(cls, cfg: Config) -> LossSettings:
         """The settings of ``cfg.loss`` with ``cfg.rollout``'s temperature and completion limit."""
+        loss = cfg.loss
         return cls(
-            beta_kl=cfg.loss.beta_kl,
-            eps_low=cfg.loss.eps_low,
-            eps_high=cfg.loss.eps_high,
-            loss_type=cfg.loss.loss_type,
+            beta_kl=loss.beta_kl,
+            eps_low=loss.eps_low,
+            eps_high=loss.eps_high,
+            loss_type=loss.loss_type,
             temperature=cfg.rollout.temperature,
             max_completion_length=cfg.rollout.max_new_tokens,
-            impl=None if cfg.loss.impl == "auto" else cfg.loss.impl,
+            impl=None if loss.impl == "auto" else loss.impl,
+            options={k: getattr(loss, k) for k in _KERNEL_OPTIONS},
         )
 
 
@@ -206,6 +224,7 @@ class PolicyModule(nn.Module):
             raise ValueError('mode="loss" needs settings')
         s = settings
         c = counts or StepCounts(tokens=int(states.mask.sum()), rows=R)
+        # bnpo is the token mean over the whole step here, which the kernels call dapo (with num_items_in_batch)
         kernel_type = "dapo" if s.loss_type in ("bnpo", "dapo") else s.loss_type
         loss, metrics = fused_linear_grpo_loss(
             states.hidden,
@@ -225,7 +244,8 @@ class PolicyModule(nn.Module):
             world_size=c.world_size,
             temperature=s.temperature,
             impl=s.impl,
+            **s.options,
         )
-        if kernel_type in ("grpo", "dr_grpo"):  # the kernel divides by this call's rows: rescale to the step's
+        if AGGREGATION[kernel_type] in ROW_NORMALIZED:  # the kernel divides by this call's rows: rescale to the step's
             loss = loss * (R * c.world_size / max(c.rows, 1))
         return loss, metrics

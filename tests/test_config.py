@@ -177,6 +177,10 @@ def test_wrong_type(tmp_path: Path, text: str, key: str, words: str):
         ("stage2:\n  alpha: 0.9\n", "stage2.beta", "alpha + beta must be <= 1"),
         ("loss:\n  eps_low: -0.1\n", "loss.eps_low", ">= 0"),
         ("loss:\n  eps_high: -0.2\n", "loss.eps_high", ">= 0"),
+        ("loss:\n  loss_type: sapo\n  importance_sampling_level: sequence\n", "loss.importance_sampling_level",
+         "must be 'token'"),
+        ("loss:\n  delta: 0\n", "loss.delta", "> 0"),
+        ("loss:\n  sapo_temperature_neg: -1\n", "loss.sapo_temperature_neg", "> 0"),
         ("rollout:\n  num_generations: 1\n", "rollout.num_generations", "group size of 1"),
         ("rollout:\n  temperature: 0\n", "rollout.temperature", "> 0"),
         ("rollout:\n  top_p: 1.5\n", "rollout.top_p", "(0, 1]"),
@@ -354,3 +358,47 @@ def test_overrides_anywhere_on_the_command_line(tmp_path: Path, capsys):
     with pytest.raises(SystemExit):
         main(["config", "seed=1", "--no-such-flag"])
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_loss_options_are_the_kernels():
+    """The config's loss types are `rarl_kernels.LOSS_TYPES`, it refuses exactly the (loss type, level) pairs the
+    kernels refuse, and the options the trainer passes on are fields here and keywords of the fused loss."""
+    import inspect
+    import typing
+
+    from rarl_fast import config
+    from rarl_fast.policy import _KERNEL_OPTIONS
+    from rarl_kernels import LOSS_TYPES, fused_linear_grpo_loss
+    from rarl_kernels.loss_types import IMPORTANCE_SAMPLING_LEVELS, check_loss_options
+
+    assert typing.get_args(config.LossType) == LOSS_TYPES
+    assert typing.get_args(config.ImportanceSamplingLevel) == IMPORTANCE_SAMPLING_LEVELS
+    for loss_type in LOSS_TYPES:
+        for level in IMPORTANCE_SAMPLING_LEVELS:
+            try:
+                check_loss_options(loss_type, level)
+                kernels_ok = True
+            except ValueError:
+                kernels_ok = False
+            try:
+                config.LossConfig(loss_type=loss_type, importance_sampling_level=level)
+                config_ok = True
+            except ConfigError:
+                config_ok = False
+            assert config_ok == kernels_ok, (loss_type, level)
+    fields = {f.name for f in dataclasses.fields(config.LossConfig)}
+    keywords = set(inspect.signature(fused_linear_grpo_loss).parameters)
+    assert set(_KERNEL_OPTIONS) <= fields & keywords
+    from rarl_kernels import LossOptions
+
+    defaults = config.LossConfig()
+    for name in (*_KERNEL_OPTIONS, "eps_low", "eps_high"):
+        assert getattr(defaults, name) == LossOptions._field_defaults[name], name
+    assert defaults.beta_kl == LossOptions._field_defaults["beta"]
+    from rarl_fast.policy import LossSettings
+
+    chosen = dict(loss_type="vespo", delta=2.5, sapo_temperature_neg=1.5, vespo_k_pos=1.25, bias_correction_kl=True)
+    settings = LossSettings.from_config(config_from_dict({"loss": chosen}))
+    assert settings.loss_type == "vespo"
+    assert {k: settings.options[k] for k in chosen if k != "loss_type"} == {k: v for k, v in chosen.items()
+                                                                           if k != "loss_type"}  # fmt: skip

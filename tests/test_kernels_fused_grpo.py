@@ -1,15 +1,17 @@
 """fused_linear_grpo_loss and FusedLinearGRPOLoss: Triton kernels (interpreter on CPU), the chunked torch
 path, the plain-torch reference, Liger's LigerFusedLinearGRPOLoss, and the memory bound."""
 
+import inspect
+
 import pytest
 import torch
 
 from rarl_kernels import FusedLinearGRPOLoss, _utils, fused_linear_grpo_loss, fused_linear_grpo_loss_ref
-from rarl_kernels.reference import fused_linear_logprobs_ref
+from rarl_kernels.reference import fused_linear_logprobs_ref, grpo_token_loss_ref
 from rarl_kernels.testing import LargestTensorMode, assert_rel_close, assert_three_way, contraction_orders
 
 LOSS_TYPES = ["grpo", "bnpo", "dapo", "dr_grpo"]
-FUSED_KERNELS = ("grpo_logits_partials", "grpo_rows", "grpo_dz", "matmul")
+FUSED_KERNELS = ("grpo_logits_partials", "grpo_rows", "grpo_token", "grpo_dz", "matmul")
 
 
 pytestmark = pytest.mark.usefixtures("fast_interpreter")  # conftest.py
@@ -62,12 +64,15 @@ INTERP_CASES = [
 
 
 def check_against_reference(impl, B, T, H, V, dtype, loss_type, temperature, *, device="cpu", scale=None,
-                            truth64=False):  # fmt: skip
+                            truth64=False, chunk_rows=24, **options):  # fmt: skip
     d = make_batch(B, T, H, V, dtype=dtype, device=device, temperature=temperature, scale=scale)
+    if B > 2:  # both advantage signs (SAPO's temperatures, VESPO's gamma parameters)
+        d["adv"][0], d["adv"][2] = -d["adv"][0].abs(), d["adv"][2].abs()
     kw = dict(logp_old=d["old"], logp_ref=d["ref"], loss_type=loss_type, temperature=temperature, beta=0.04,
               eps_high=0.28, max_completion_length=2 * T, num_items_in_batch=B * T - 3,
               is_ratio=torch.rand(B, T, generator=torch.Generator().manual_seed(1)).to(device) + 0.5)  # fmt: skip
-    fused = lambda *a, **k: fused_linear_grpo_loss(*a, impl=impl, chunk_bytes=24 * V * 4, **k)
+    kw.update(options)
+    fused = lambda *a, **k: fused_linear_grpo_loss(*a, impl=impl, chunk_bytes=chunk_rows * V * 4, **k)
     ours, metrics = run_fused(fused, d, **kw)
     ref32, metrics_ref = run_fused(lambda *a, **k: fused_linear_grpo_loss_ref(*a, upcast=True, **k), d, **kw)
     for t in ours:
@@ -245,19 +250,182 @@ def test_bias_correction_kl_triton_interpreter():
     assert _utils.LAUNCHES["grpo_rows"] >= 1
 
 
-def test_module_rejects_what_it_does_not_implement():
-    with pytest.raises(NotImplementedError, match="cispo"):
-        FusedLinearGRPOLoss(loss_type="cispo")
-    with pytest.raises(NotImplementedError, match="importance_sampling_level"):
-        FusedLinearGRPOLoss(importance_sampling_level="sequence")
-    with pytest.raises(NotImplementedError, match="delta"):
-        FusedLinearGRPOLoss(delta=2.0)
+def _liger_module():
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    return LigerFusedLinearGRPOLoss
+
+
+def test_constructor_and_forward_bind_like_liger():
+    """Liger's constructor and forward signatures, positional order, names and defaults, are ours; a positional
+    call sets the same attributes (our extra arguments are keyword-only)."""
+    liger = _liger_module()
+    for fn in ("__init__", "forward"):
+        theirs = list(inspect.signature(getattr(liger, fn)).parameters.values())
+        ours = [p for p in inspect.signature(getattr(FusedLinearGRPOLoss, fn)).parameters.values()
+                if p.kind is not inspect.Parameter.KEYWORD_ONLY]  # fmt: skip
+        assert [(p.name, p.kind, p.default) for p in ours] == [(p.name, p.kind, p.default) for p in theirs], fn
+    args = (0.1, False, False, 2, 0.3, 0.4, "sapo", 77, "token", 0.7, 1.4, 0.9, 3.0, True, 1.5, 2.5, 3.5, 4.5)
+    names = list(inspect.signature(liger.__init__).parameters)[1:]
+    assert len(args) == len(names)
+    a, b = liger(*args), FusedLinearGRPOLoss(*args)
+    assert [getattr(b, n) for n in names] == [getattr(a, n) for n in names] == list(args)
+
+
+INVALID = [
+    pytest.param(dict(sapo_temperature_pos=0.0), True, id="sapo_temperature_pos"),
+    pytest.param(dict(sapo_temperature_neg=-1.0), True, id="sapo_temperature_neg"),
+    pytest.param(dict(delta=0.0), True, id="delta"),
+    pytest.param(dict(loss_type="cispo", importance_sampling_level="sequence"), False, id="sequence-cispo"),
+    pytest.param(dict(loss_type="sapo", importance_sampling_level="sequence"), False, id="sequence-sapo"),
+    pytest.param(dict(loss_type="vespo", importance_sampling_level="sequence"), False, id="sequence-vespo"),
+    pytest.param(dict(loss_type="ppo"), False, id="unknown-loss-type"),
+    pytest.param(dict(importance_sampling_level="batch"), False, id="unknown-level"),
+]
+
+
+@pytest.mark.parametrize("options,at_init", INVALID)
+def test_invalid_options_raise_what_liger_raises(options, at_init):
+    """ValueError from the constructor or the forward, where Liger raises it."""
+    _, fwd = liger_case("dapo", False, "none", None)
+    for cls, extra in ((_liger_module(), dict(compiled=False)), (FusedLinearGRPOLoss, {})):
+        if at_init:
+            with pytest.raises(ValueError):
+                cls(**options, **extra)
+            continue
+        module = cls(**options, **extra, use_ref_model=False)
+        with pytest.raises(ValueError):
+            module(**fwd)
+
+
+def test_module_errors():
     with pytest.raises(TypeError, match="bogus"):
         FusedLinearGRPOLoss(bogus=1)
-    FusedLinearGRPOLoss(compiled=True, chunk_size=4, delta=None, sapo_temperature_neg=1.05)  # accepted, ignored
+    FusedLinearGRPOLoss(compiled=True, chunk_size=4)  # accepted, ignored
+    _, fwd = liger_case("dapo", False, "none", None)
     with pytest.raises(ValueError, match="ref_per_token_logps or ref_input"):
-        _, fwd = liger_case("dapo", False, "none", None)
         FusedLinearGRPOLoss(use_ref_model=True)(**fwd)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        FusedLinearGRPOLoss(loss_type="dr_grpo", use_ref_model=False)(**fwd)
+    with pytest.raises(ValueError, match="vllm_is_ratio"):
+        FusedLinearGRPOLoss(use_ref_model=False)(**{**fwd, "vllm_is_ratio": torch.ones(4, 5)})
+
+
+# Liger options per loss type (luspo: `test_luspo_follows_trl_where_liger_differs`).
+LIGER_OPTIONS = [
+    ("grpo", dict(delta=1.2), "logps"),
+    ("dapo", dict(importance_sampling_level="sequence"), "input"),
+    ("bnpo", dict(importance_sampling_level="sequence", delta=1.1), "logps"),
+    ("dr_grpo", dict(importance_sampling_level="sequence", use_bias_correction_kl=True), "logps"),
+    ("cispo", dict(epsilon_high=1.1), "logps"),
+    ("cispo", dict(epsilon_high=1.1, use_bias_correction_kl=True), "input"),
+    ("sapo", dict(sapo_temperature_pos=0.7, sapo_temperature_neg=1.6), "logps"),
+    ("sapo", dict(use_bias_correction_kl=True), "input"),
+    ("vespo", dict(vespo_k_pos=1.5, vespo_lambda_neg=1.0), "logps"),
+    ("vespo", dict(use_bias_correction_kl=True), "input"),
+]
+
+
+@pytest.mark.parametrize("vllm", [None, "token", "row"], ids=["", "vllm-token", "vllm-row"])
+@pytest.mark.parametrize("old", [False, True], ids=["on-policy", "old"])
+@pytest.mark.parametrize("loss_type,options,ref_mode", LIGER_OPTIONS,
+                         ids=[f"{t}-{'-'.join(o)}-{r}" for t, o, r in LIGER_OPTIONS])  # fmt: skip
+def test_new_options_match_liger(loss_type, options, ref_mode, old, vllm):
+    ctor, fwd = liger_case(loss_type, old, ref_mode, 40 if loss_type in ("dapo", "cispo", "vespo") else None, beta=0.3)
+    fwd["advantages"][0], fwd["advantages"][1] = -fwd["advantages"][0].abs(), fwd["advantages"][1].abs()
+    if vllm is not None:
+        g = torch.Generator().manual_seed(5)
+        fwd["vllm_is_ratio"] = torch.rand(4, 13 if vllm == "token" else 1, generator=g) + 0.5
+    assert_matches_liger(liger_and_ours({**ctor, **options}, fwd), ctor["beta"])
+
+
+@pytest.mark.parametrize("loss_type,options,ref_mode", [LIGER_OPTIONS[i] for i in (2, 5, 7, 9)],
+                         ids=["sequence", "cispo", "sapo", "vespo"])  # fmt: skip
+def test_new_options_match_liger_triton_interpreter(loss_type, options, ref_mode):
+    ctor, fwd = liger_case(loss_type, True, ref_mode, None, beta=0.3, seed=4)
+    fwd["vllm_is_ratio"] = torch.rand(4, 13, generator=torch.Generator().manual_seed(6)) + 0.5
+    _utils.LAUNCHES.clear()
+    assert_matches_liger(liger_and_ours({**ctor, **options}, fwd, impl="triton"), ctor["beta"])
+    assert _utils.LAUNCHES["grpo_token"] >= 1
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_luspo_follows_trl_where_liger_differs(level):
+    """luspo: TRL 1.16 averages each row's masked sum of per-token losses over the rows; Liger multiplies every
+    position, padding included, by its row's length and averages over B * T. With a sequence-level ratio and no
+    per-token term the two agree (length * loss / B); a KL term over padded rows (or token-level ratios) tells
+    them apart, and ours is TRL's."""
+    from rarl_kernels import LossOptions
+
+    ctor, fwd = liger_case("luspo", True, "logps", None, beta=0.3)
+    ctor["importance_sampling_level"] = level
+    (l_liger, _, _), (l_ours, _, g_ours) = liger_and_ours(ctor, fwd)
+    h = fwd["_input"].clone().requires_grad_()
+    logp = fused_linear_logprobs_ref(h, fwd["lin_weight"], fwd["selected_token_ids"], temperature=0.9,
+                                     bias=fwd["bias"])  # fmt: skip
+    o = LossOptions("luspo", level, eps_high=0.28, beta=0.3)
+    loss_tok, *_ = grpo_token_loss_ref(logp, fwd["old_per_token_logps"], fwd["ref_per_token_logps"],
+                                       fwd["advantages"], fwd["attention_mask"], o)  # fmt: skip
+    m = fwd["attention_mask"].float()
+    trl = (loss_tok * m).sum(-1).mean()
+    liger = (loss_tok * m.sum(-1, keepdim=True)).mean()
+    assert_rel_close(l_ours, trl, rtol=1e-5, name="ours vs TRL")
+    assert_rel_close(l_liger, liger, rtol=1e-5, name="Liger vs its formula")
+    assert (trl - liger).abs() > 1e-3 * trl.abs()
+    (g_trl,) = torch.autograd.grad(trl, h)
+    assert_rel_close(g_ours[0], g_trl, rtol=1e-5, name="grad ours vs TRL")
+
+
+@pytest.mark.parametrize("vllm", [None, "row"], ids=["", "vllm-row"])
+@pytest.mark.parametrize("old", [False, True], ids=["on-policy", "old"])
+def test_luspo_matches_liger_where_they_agree(old, vllm):
+    """Sequence-level ratio, no reference (the KL term is 0), rollout weights per row: Liger's and TRL's luspo agree."""
+    ctor, fwd = liger_case("luspo", old, "none", None, beta=0.3)
+    if vllm is not None:
+        fwd["vllm_is_ratio"] = torch.rand(4, 1, generator=torch.Generator().manual_seed(5)) + 0.5
+    ctor.update(importance_sampling_level="sequence", delta=1.1)
+    assert_matches_liger(liger_and_ours(ctor, fwd), ctor["beta"])
+
+
+# ---- the loss types and options beyond the clipped token-level surrogate ---------------------------------------
+
+OPTIONS = [
+    pytest.param("grpo", dict(delta=1.1), id="delta"),
+    pytest.param("dapo", dict(importance_sampling_level="sequence"), id="sequence"),
+    pytest.param("grpo", dict(importance_sampling_level="sequence", delta=1.05, bias_correction_kl=True, beta=0.3),
+                 id="sequence-delta-bias-corr"),
+    pytest.param("luspo", dict(importance_sampling_level="sequence"), id="luspo"),
+    pytest.param("cispo", dict(eps_high=1.1, bias_correction_kl=True), id="cispo"),
+    pytest.param("sapo", dict(sapo_temperature_pos=0.7, sapo_temperature_neg=1.6), id="sapo"),
+    pytest.param("vespo", dict(vespo_k_pos=1.5, vespo_lambda_pos=1.0), id="vespo"),
+]
+
+
+@pytest.mark.parametrize("loss_type,options", OPTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_options_match_reference(impl, dtype, loss_type, options):
+    """Every new option, loss and the three gradients, against the reference (fp32: 3e-5 relative; bf16: at most
+    twice torch's own bf16 error from the fp32 truth). Sequence-level losses and VESPO cut the 24-row budget at
+    sequence ends (three chunks of 21 rows); the others take 32-row chunks (the interpreter's row tile)."""
+    _utils.LAUNCHES.clear()
+    check_against_reference(impl, 3, 21, 72, 1000, dtype, loss_type, 0.7, **options)
+    if impl == "triton":
+        whole = options.get("importance_sampling_level") == "sequence" or loss_type == "vespo"
+        assert all(_utils.LAUNCHES[name] == (3 if whole else 2) for name in FUSED_KERNELS[:-1]), dict(_utils.LAUNCHES)
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+@pytest.mark.parametrize("loss_type,options", [OPTIONS[1], OPTIONS[-1]])
+def test_sequences_longer_than_a_chunk(impl, loss_type, options):
+    """A sequence-level loss whose sequences (T = 40) do not fit the chunk (8 rows) takes the log-prob pre-pass;
+    one that fits (45 rows) cuts chunks at sequence ends (40 rows: three chunks for three sequences)."""
+    for rows, chunks, prepass in ((8, None, 1), (45, 3, 0)):
+        _utils.LAUNCHES.clear()
+        check_against_reference(impl, 3, 40, 24, 300, torch.float32, loss_type, 1.0, chunk_rows=rows, **options)
+        if impl == "triton":
+            assert _utils.LAUNCHES["linear_logprobs_fwd"] == prepass
+            assert chunks is None or _utils.LAUNCHES["grpo_logits_partials"] == chunks
 
 
 @pytest.mark.gpu

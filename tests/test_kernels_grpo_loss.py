@@ -1,13 +1,15 @@
-"""grpo_loss on [B, T] log-probs: the Triton per-token kernels (forward and backward) against the
-plain-torch reference, every loss_type, with and without old/reference log-probs, and the aggregations."""
+"""grpo_loss on [B, T] log-probs: the Triton token kernel (loss and gradient) against the plain-torch reference,
+every loss_type and option, with and without old/reference log-probs, the math by hand, and the aggregations."""
+
+import math
 
 import pytest
 import torch
 
-from rarl_kernels import _utils, aggregate, grpo_loss, grpo_loss_ref, token_weights
+from rarl_kernels import LOSS_TYPES, _utils, aggregate, grpo_loss, grpo_loss_ref, token_weights
 from rarl_kernels.testing import assert_rel_close
 
-LOSS_TYPES = ["grpo", "bnpo", "dapo", "dr_grpo"]
+CLIP_TYPES = ["grpo", "bnpo", "dapo", "dr_grpo"]
 
 
 pytestmark = pytest.mark.usefixtures("fast_interpreter")  # conftest.py
@@ -25,7 +27,7 @@ def make(B=5, T=63, seed=0, old=True, ref=True, is_ratio=False):
     return logp, jitter() if old else None, jitter() if ref else None, adv, mask, isw
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", CLIP_TYPES)
 @pytest.mark.parametrize("old", [True, False], ids=["old", "on-policy"])
 @pytest.mark.parametrize("ref", [True, False], ids=["ref", "no-ref"])
 def test_triton_matches_reference(loss_type, old, ref):
@@ -35,7 +37,7 @@ def test_triton_matches_reference(loss_type, old, ref):
     _utils.LAUNCHES.clear()
     loss, metrics = grpo_loss(logp, lo, lr, adv, mask, impl="triton", **kw)
     (grad,) = torch.autograd.grad(loss, logp)
-    assert _utils.LAUNCHES["grpo_loss_fwd"] == 1 and _utils.LAUNCHES["grpo_loss_bwd"] == 1
+    assert _utils.LAUNCHES["grpo_token"] == 1
     loss_ref, metrics_ref = grpo_loss_ref(logp, lo, lr, adv, mask, **kw)
     (grad_ref,) = torch.autograd.grad(loss_ref, logp)
     assert_rel_close(loss, loss_ref, rtol=1e-6, name="loss")
@@ -54,7 +56,7 @@ def test_bias_correction_kl_triton_matches_reference(old):
     _utils.LAUNCHES.clear()
     loss, metrics = grpo_loss(logp, lo, lr, adv, mask, impl="triton", **kw)
     (grad,) = torch.autograd.grad(loss, logp)
-    assert _utils.LAUNCHES["grpo_loss_fwd"] == 1 and _utils.LAUNCHES["grpo_loss_bwd"] == 1
+    assert _utils.LAUNCHES["grpo_token"] == 1
     loss_ref, metrics_ref = grpo_loss_ref(logp, lo, lr, adv, mask, **kw)
     (grad_ref,) = torch.autograd.grad(loss_ref, logp)
     assert_rel_close(loss, loss_ref, rtol=1e-6, name="loss")
@@ -117,7 +119,149 @@ def test_aggregations_by_hand():
     torch.testing.assert_close(aggregate(loss_mat, mask, "grpo"), torch.tensor((1.5 + 4.0 + 0.0) / 3))
     torch.testing.assert_close(aggregate(loss_mat, mask, "dr_grpo", max_completion_length=7), torch.tensor(7.0 / 21))
     assert token_weights(mask, "bnpo", num_items_in_batch=1000).sum() == 1.0  # bnpo ignores it, as Liger
+    # luspo (TRL): each row's masked sum, averaged over rows: (3 + 4 + 0) / 3
+    torch.testing.assert_close(aggregate(loss_mat, mask, "luspo"), torch.tensor(7.0 / 3))
+    torch.testing.assert_close(aggregate(loss_mat, mask, "sapo"), aggregate(loss_mat, mask, "grpo"))
+    for token_mean in ("cispo", "vespo"):
+        torch.testing.assert_close(aggregate(loss_mat, mask, token_mean, num_items_in_batch=14, world_size=2),
+                                   dapo_global)  # fmt: skip
     with pytest.raises(ValueError, match="max_completion_length"):
         aggregate(loss_mat, mask, "dr_grpo")
-    with pytest.raises(NotImplementedError, match="cispo"):
-        grpo_loss(loss_mat, None, None, torch.zeros(3), mask, loss_type="cispo")
+    with pytest.raises(ValueError, match="Unknown loss type"):
+        grpo_loss(loss_mat, None, None, torch.zeros(3), mask, loss_type="ppo")
+
+
+# ---- the loss types and options beyond the clipped token-level surrogate ---------------------------------------
+
+OPTIONS = [
+    pytest.param(dict(loss_type="grpo", delta=1.15), id="delta"),
+    pytest.param(dict(loss_type="dapo", importance_sampling_level="sequence"), id="sequence"),
+    pytest.param(dict(loss_type="grpo", importance_sampling_level="sequence", delta=1.05, bias_correction_kl=True),
+                 id="sequence-delta-bias-corr"),
+    pytest.param(dict(loss_type="luspo", importance_sampling_level="sequence"), id="luspo"),
+    pytest.param(dict(loss_type="luspo", bias_correction_kl=True), id="luspo-token"),
+    pytest.param(dict(loss_type="cispo", eps_high=1.1), id="cispo"),
+    pytest.param(dict(loss_type="cispo", eps_high=1.1, bias_correction_kl=True), id="cispo-bias-corr"),
+    pytest.param(dict(loss_type="sapo", sapo_temperature_pos=0.7, sapo_temperature_neg=1.6), id="sapo"),
+    pytest.param(dict(loss_type="sapo", bias_correction_kl=True), id="sapo-bias-corr"),
+    pytest.param(dict(loss_type="vespo"), id="vespo"),
+    pytest.param(dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_pos=1.0, vespo_k_neg=2.5, vespo_lambda_neg=0.5,
+                      bias_correction_kl=True), id="vespo-params-bias-corr"),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("is_ratio", [False, True], ids=["", "is_ratio"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_options_triton_match_reference(options, is_ratio, dtype):
+    """Every new option, forward and backward: the Triton kernel against the autograd reference (TRL's math), on
+    fp32 and bf16 log-probs (the kernel computes in fp32 either way; the gradient comes back in the input dtype)."""
+    logp, lo, lr, adv, mask, isw = make(seed=3, is_ratio=is_ratio)
+    adv[0], adv[2] = -abs(adv[0]), abs(adv[2])  # both signs: SAPO's temperatures, VESPO's (k, lambda) pairs
+    x = logp.detach().to(dtype).requires_grad_()
+    kw = dict(beta=0.2, max_completion_length=80, num_items_in_batch=200, is_ratio=isw, **options)
+    _utils.LAUNCHES.clear()
+    loss, metrics = grpo_loss(x, lo, lr, adv, mask, impl="triton", **kw)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert _utils.LAUNCHES["grpo_token"] == 1 and grad.dtype == dtype
+    x32 = x.detach().float().requires_grad_()
+    loss_ref, metrics_ref = grpo_loss_ref(x32, lo, lr, adv, mask, **kw)
+    (grad_ref,) = torch.autograd.grad(loss_ref, x32)
+    assert_rel_close(loss, loss_ref, rtol=1e-5, name="loss")
+    assert_rel_close(grad, grad_ref, rtol=1e-5 if dtype == torch.float32 else 2**-8, name="grad")
+    assert grad[1].abs().sum() == 0 and grad_ref.abs().max() > 0
+    assert sorted(metrics) == sorted(metrics_ref)
+    for k, v in metrics.items():
+        torch.testing.assert_close(v, metrics_ref[k], rtol=1e-5, atol=1e-7)
+
+
+def test_delta_caps_the_unclipped_ratio_by_hand():
+    # ratio 3 with A = 1: clipped at 1.2 (loss -1.2, no gradient), delta or not. With A = -1 the unclipped branch
+    # is the min: loss -min(-3, -1.2) = 3 with gradient -A r = 3; delta = 2 caps the ratio at 2: loss 2, and no
+    # gradient. Token mean over the two tokens (bnpo) halves both.
+    logp = torch.log(torch.tensor([[3.0], [3.0]])).requires_grad_()
+    old, adv, mask = torch.zeros(2, 1), torch.tensor([1.0, -1.0]), torch.ones(2, 1)
+    for impl in ("triton", "torch"):
+        for delta, want_loss, want_grad in ((None, (-1.2 + 3.0) / 2, [0.0, 1.5]), (2.0, (-1.2 + 2.0) / 2, [0.0, 0.0])):
+            loss, m = grpo_loss(logp, old, None, adv, mask, beta=0.0, loss_type="bnpo", delta=delta, impl=impl)
+            (g,) = torch.autograd.grad(loss, logp)
+            torch.testing.assert_close(loss, torch.tensor(want_loss))
+            torch.testing.assert_close(g, torch.tensor(want_grad)[:, None])
+            torch.testing.assert_close(m["clip_ratio"], torch.tensor(0.5))  # the clip flag ignores delta
+
+
+def test_sequence_level_ratio_by_hand():
+    """One row, log-ratios 0.1 and 0.3 (and a padded token): s = 0.2, r = e^0.2 for every token, and the policy
+    term's gradient -A r reaches each unpadded token through s with weight 1/2."""
+    logp = torch.tensor([[0.1, 0.3, 5.0]]).requires_grad_()
+    old, mask, adv = torch.zeros(1, 3), torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([0.5])
+    r = math.exp(0.2)
+    for impl in ("triton", "torch"):
+        loss, m = grpo_loss(logp, old, None, adv, mask, beta=0.0, eps_high=0.5, loss_type="grpo",
+                            importance_sampling_level="sequence", impl=impl)  # fmt: skip
+        (g,) = torch.autograd.grad(loss, logp)
+        torch.testing.assert_close(loss, torch.tensor(-0.5 * r))
+        torch.testing.assert_close(g, torch.tensor([[-0.5 * r / 2, -0.5 * r / 2, 0.0]]))
+        torch.testing.assert_close(m["ratio_mean"], torch.tensor(r))
+
+
+def test_cispo_sapo_vespo_by_hand():
+    """One token, A = 2, log-ratio log 3: cispo caps the ratio at eps_high = 2.5 and detaches it (loss -2.5 A logp,
+    gradient -2.5 A); sapo (tau 1) gives -(4 / tau) sigmoid(tau (r - 1)) A, gradient -4 s (1 - s) r A; vespo's
+    weight at w = 3 is exp(lam + k log w - lam w) = exp(3 + 2 log 3 - 9) for (k, lam) = (2, 3)."""
+    lp = math.log(0.3)
+    logp = torch.tensor([[lp]]).requires_grad_()
+    old, mask, adv = torch.tensor([[lp - math.log(3.0)]]), torch.ones(1, 1), torch.tensor([2.0])
+    sig = 1 / (1 + math.exp(-2.0))
+    phi = math.exp(3 + 2 * math.log(3.0) - 9)
+    cases = {"cispo": (-2.5 * 2 * lp, -2.5 * 2), "sapo": (-4 * sig * 2, -4 * sig * (1 - sig) * 3 * 2),
+             "vespo": (-phi * 2 * lp, -phi * 2)}  # fmt: skip
+    for impl in ("triton", "torch"):
+        for loss_type, (want_loss, want_grad) in cases.items():
+            loss, m = grpo_loss(logp, old, None, adv, mask, beta=0.0, eps_high=2.5, loss_type=loss_type, impl=impl)
+            (g,) = torch.autograd.grad(loss, logp)
+            torch.testing.assert_close(loss, torch.tensor(want_loss), msg=f"{impl} {loss_type}")
+            torch.testing.assert_close(g, torch.tensor([[want_grad]]), msg=f"{impl} {loss_type}")
+            torch.testing.assert_close(m["clip_ratio"], torch.tensor(1.0 if loss_type == "cispo" else 0.0))
+
+
+def test_vespo_weight_is_one_on_policy():
+    """phi(1) = 1: on-policy without a rollout correction VESPO is REINFORCE, loss -A logp."""
+    logp, _, _, adv, mask, _ = make(seed=4, old=False, ref=False)
+    for impl in ("triton", "torch"):
+        loss, _ = grpo_loss(logp, None, None, adv, mask, beta=0.0, loss_type="vespo", impl=impl)
+        want = (-adv[:, None] * logp * token_weights(mask, "vespo")).sum()
+        torch.testing.assert_close(loss, want)
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "vespo"])
+def test_sequence_level_rejected_for_token_only_surrogates(loss_type):
+    logp, lo, _, adv, mask, _ = make()
+    for impl in ("triton", "torch"):
+        with pytest.raises(ValueError, match="Sequence-level importance sampling is not supported"):
+            grpo_loss(logp, lo, None, adv, mask, loss_type=loss_type, importance_sampling_level="sequence", impl=impl)
+    with pytest.raises(ValueError, match="importance sampling level"):
+        grpo_loss(logp, lo, None, adv, mask, importance_sampling_level="batch")
+    with pytest.raises(ValueError, match="delta must be positive"):
+        grpo_loss(logp, lo, None, adv, mask, delta=0.0)
+    with pytest.raises(ValueError, match="sapo_temperature_neg"):
+        grpo_loss(logp, lo, None, adv, mask, loss_type="sapo", sapo_temperature_neg=-1.0)
+
+
+def test_loss_types_are_liger_and_trl_names():
+    from rarl_kernels.loss_types import AGGREGATION, SURROGATE
+
+    assert set(LOSS_TYPES) == set(SURROGATE) == set(AGGREGATION)
+    assert set(LOSS_TYPES) == {"grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo", "vespo"}
+
+
+def test_ops_take_the_options_with_their_one_default():
+    """Both ops spell the loss options out as keywords; their defaults are `LossOptions`'."""
+    import inspect
+
+    from rarl_kernels import LossOptions, fused_linear_grpo_loss
+
+    for fn in (grpo_loss, fused_linear_grpo_loss):
+        params = inspect.signature(fn).parameters
+        for name, default in LossOptions._field_defaults.items():
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY and params[name].default == default, name

@@ -157,12 +157,25 @@ class _GradRecorder:
             p.grad = None
 
 
-def test_micro_batch_split_does_not_change_the_gradient(tiny_vlm_dir, tmp_path):
-    """One micro-batch per rollout batch vs length-ordered, trimmed micro-batches down to one row each."""
+@pytest.mark.parametrize(
+    "loss",
+    [
+        {},
+        {"loss.loss_type": "grpo", "loss.importance_sampling_level": "sequence", "loss.bias_correction_kl": "true"},
+        {"loss.loss_type": "luspo", "loss.importance_sampling_level": "sequence", "loss.delta": 1.5},
+        {"loss.loss_type": "cispo", "loss.eps_high": 4.0},
+        {"loss.loss_type": "sapo"},
+        {"loss.loss_type": "vespo"},
+    ],
+    ids=["bnpo", "grpo-sequence-bias-corr", "luspo-delta", "cispo", "sapo", "vespo"],
+)
+def test_micro_batch_split_does_not_change_the_gradient(tiny_vlm_dir, tmp_path, loss):
+    """One micro-batch per rollout batch vs length-ordered, trimmed micro-batches down to one row each, for the
+    aggregation of every loss type (token means over the step, row means, row sums)."""
     from rarl_fast.runtime import build_runtime
     from rarl_fast.train import advantages, make_stage, rollout, score_rollouts, update_policy
 
-    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", tiny_overrides(tiny_vlm_dir, tmp_path))
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", tiny_overrides(tiny_vlm_dir, tmp_path, **loss))
     rt = build_runtime(cfg, train=True)
     st = make_stage(rt, "stage2")
     groups = st.sampler.next_batch()
