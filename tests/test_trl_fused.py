@@ -3,6 +3,7 @@ fused lm-head (`patch_trl()`), and with our fused GRPO loss (`FusedGRPOTrainer`)
 weights agree within 1e-5 (fp32), and our kernels are the ones that ran.
 """
 
+import functools
 import math
 import warnings
 
@@ -14,29 +15,42 @@ from safetensors.torch import load_file
 from trl.kernels import ChunkedLogProbFunction as TRLKernel
 
 import rarl_kernels.integrations.trl as rarl_trl
-from rarl_kernels.aggregation import LOSS_TYPES
 from tests.helpers.tiny_lm import PROMPTS, distinct_characters, save_tiny_lm
 
 TRL_VERSION = "1.16.0"
 
 ACCUMULATE = {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2, "steps_per_generation": 4}
-# GRPOConfig overrides per case; the loss types the fused kernels lack run TRL's loss (with a warning), so this
-# list covers them too and checks each against TRL either way.
+# GRPOConfig overrides per case, and the words of the one warning when FusedGRPOTrainer must run TRL's own loss
+# (None: the fused loss runs). Every TRL 1.16 loss type and option the fused kernels implement is here.
 CASES = [
     # TRL's defaults (dapo, beta 0); step 2 is off-policy (old log-probs, clipped ratios)
-    pytest.param({}, id="defaults"),
+    pytest.param({}, None, id="defaults"),
     # a reference model and KL term, with TRL's default bias correction (KL times the ratio)
-    pytest.param({"beta": 0.1, "loss_type": "grpo"}, id="grpo-beta0.1"),
-    pytest.param({"beta": 0.1, "use_bias_correction_kl": False, "loss_type": "bnpo", "epsilon_high": 0.28},
+    pytest.param({"beta": 0.1, "loss_type": "grpo"}, None, id="grpo-beta0.1"),
+    pytest.param({"beta": 0.1, "use_bias_correction_kl": False, "loss_type": "bnpo", "epsilon_high": 0.28}, None,
                  id="bnpo-beta0.1-plain-kl"),
     # two accumulation steps per optimizer step (the loss scaled per micro-batch), one rollout for both steps
-    pytest.param({"loss_type": "dr_grpo", **ACCUMULATE}, id="dr_grpo-accumulate2"),
-    pytest.param({"beta": 0.05, **ACCUMULATE}, id="dapo-beta0.05-accumulate2"),
-    pytest.param({"loss_type": "cispo", "epsilon_high": 5.0}, id="cispo"),
-    pytest.param({"loss_type": "sapo"}, id="sapo"),
-    pytest.param({"loss_type": "luspo", "importance_sampling_level": "sequence"}, id="luspo-sequence"),
-    pytest.param({"loss_type": "vespo"}, id="vespo"),
+    pytest.param({"loss_type": "dr_grpo", **ACCUMULATE}, None, id="dr_grpo-accumulate2"),
+    pytest.param({"beta": 0.05, **ACCUMULATE}, None, id="dapo-beta0.05-accumulate2"),
+    # two-sided clipping: the unclipped ratio capped at delta
+    pytest.param({"delta": 1.25}, None, id="dapo-delta1.25"),
+    # sequence-level ratios (GSPO), with delta and the KL bias correction by the sequence's ratio
+    # (a small epsilon: a sequence's mean log-ratio moves less than its tokens')
+    pytest.param({"loss_type": "grpo", "importance_sampling_level": "sequence", "epsilon": 0.02, "delta": 1.1,
+                  "beta": 0.1}, None, id="grpo-sequence-delta-beta0.1"),
+    pytest.param({"loss_type": "cispo", "epsilon_high": 5.0}, None, id="cispo"),
+    pytest.param({"loss_type": "sapo", "sapo_temperature_pos": 0.5, "sapo_temperature_neg": 2.0, "beta": 0.1}, None,
+                 id="sapo-temperatures-beta0.1"),
+    pytest.param({"loss_type": "luspo", "importance_sampling_level": "sequence"}, None, id="luspo-sequence"),
+    pytest.param({"loss_type": "vespo", "vespo_k_pos": 1.5, "vespo_lambda_pos": 2.5, "vespo_k_neg": 2.0,
+                  "vespo_lambda_neg": 1.5, **ACCUMULATE}, None, id="vespo-params-accumulate2"),
+    # TRL defines CISPO with one ratio per sequence; the fused kernels (as Liger's) do not: TRL's loss runs
+    pytest.param({"loss_type": "cispo", "epsilon_high": 5.0, "importance_sampling_level": "sequence"},
+                 "loss_type='cispo' with importance_sampling_level='sequence'", id="cispo-sequence-falls-back"),
 ]
+# GRPOConfig fields that are parameters of `fused_linear_grpo_loss` under the same name.
+KERNEL_OPTIONS = {"loss_type", "delta", "importance_sampling_level", "sapo_temperature_pos", "sapo_temperature_neg",
+                  "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "beta"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +66,12 @@ def tiny_lm_capped(tmp_path_factory):
 
 
 class KernelCalls:
-    """Counts, per kernel, the lm-head passes that ran with gradient (the loss) and without (old/ref log-probs)."""
+    """Counts, per kernel, the lm-head passes that ran with gradient (the loss) and without (old/ref log-probs), and
+    keeps the keyword arguments of each kernel's last call."""
 
     def __init__(self, monkeypatch):
         self.calls = {"trl": [0, 0], "ours-logprobs": [0, 0], "ours-grpo": [0, 0]}
+        self.kwargs = {}
         self._wrap(monkeypatch, TRLKernel, "apply", "trl")
         self._wrap(monkeypatch, rarl_trl, "fused_linear_logprob_stats", "ours-logprobs")
         self._wrap(monkeypatch, rarl_trl, "fused_linear_grpo_loss", "ours-grpo")
@@ -63,8 +79,10 @@ class KernelCalls:
     def _wrap(self, monkeypatch, owner, name, key):
         inner = getattr(owner, name)
 
+        @functools.wraps(inner)
         def counted(*args, **kwargs):
             self.calls[key][torch.is_grad_enabled()] += 1
+            self.kwargs[key] = kwargs
             return inner(*args, **kwargs)
 
         monkeypatch.setattr(owner, name, staticmethod(counted) if isinstance(owner, type) else counted)
@@ -108,7 +126,8 @@ def _train(model_dir, out_dir, overrides, way, monkeypatch, *, compact_rows=Fals
             warnings.simplefilter("always")
             trainer.train()
     assert trl_utils._ChunkedLogProbFunction is TRLKernel
-    return trainer, calls.calls, [str(w.message) for w in caught if "FusedGRPOLossMixin" in str(w.message)]
+    warned = [str(w.message) for w in caught if "FusedGRPOLossMixin" in str(w.message)]
+    return trainer, calls.calls | {"kwargs": calls.kwargs}, warned
 
 
 def _logs(trainer):
@@ -136,8 +155,8 @@ def _assert_same_run(ours, trl_run, overrides):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("overrides", CASES)
-def test_grpo_trainer_three_ways(tiny_lm, tmp_path, monkeypatch, overrides):
+@pytest.mark.parametrize("overrides,fallback", CASES)
+def test_grpo_trainer_three_ways(tiny_lm, tmp_path, monkeypatch, overrides, fallback):
     shipped, trl_calls, _ = _train(tiny_lm, tmp_path / "trl", overrides, "trl", monkeypatch)
     initial = load_file(tiny_lm / "model.safetensors")
     moved = max((p - initial[name]).abs().max().item() for name, p in shipped.model.state_dict().items())
@@ -152,13 +171,16 @@ def test_grpo_trainer_three_ways(tiny_lm, tmp_path, monkeypatch, overrides):
     _assert_same_run(patched, shipped, overrides)
 
     # 2. FusedGRPOTrainer: the loss passes are our fused GRPO loss (TRL's kernel runs only without gradient, for
-    # the old and reference log-probs), or TRL's own loss, with one warning, where the kernels lack the loss type
+    # the old and reference log-probs), or TRL's own loss, with one warning, where the kernels lack the loss
     fused, calls, warned = _train(tiny_lm, tmp_path / "fused", overrides, "fused_loss", monkeypatch)
-    supported = overrides.get("loss_type", "dapo") in LOSS_TYPES
-    if supported:
+    if fallback is None:
         assert not warned and calls["ours-grpo"] == [0, losses] and calls["trl"] == [trl_calls["trl"][0], 0], calls
+        # TRL's loss options reach the kernel under its names
+        passed = calls["kwargs"]["ours-grpo"]
+        for key in KERNEL_OPTIONS & set(overrides):
+            assert passed[key] == overrides[key], (key, passed.get(key))
     else:
-        assert len(warned) == 1 and overrides["loss_type"] in warned[0], warned
+        assert len(warned) == 1 and fallback in warned[0], warned
         assert calls["ours-grpo"] == [0, 0] and calls["trl"] == trl_calls["trl"], calls
     _assert_same_run(fused, shipped, overrides)
 
@@ -264,3 +286,64 @@ def test_vision_language_model(tiny_vlm_dir, tmp_path, monkeypatch):
     fused, calls, warned = _train(tiny_vlm_dir, tmp_path / "fused", overrides, "fused_loss", monkeypatch, **kw)
     assert not warned and calls["ours-grpo"] == [0, trl_calls["trl"][1]]
     _assert_same_run(fused, shipped, overrides)
+
+
+@pytest.mark.parametrize("loss_type", ["vespo", "cispo", "grpo"])
+def test_vllm_importance_weights(tiny_lm, tmp_path, monkeypatch, loss_type):
+    """vLLM's importance weights (TRL multiplies each token's policy term by them; VESPO folds them into its sequence
+    weight instead): FusedGRPOTrainer's `_compute_loss` against TRL's on the same inputs (the rollout's, with the
+    weights TRL sets when it samples with vLLM): loss, gradients and logged metrics within 1e-5, our kernel called."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm, padding_side="left")
+    args = trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, per_device_train_batch_size=4,
+                          num_generations=4, max_completion_length=8, loss_type=loss_type, beta=0.1,
+                          epsilon_high=5.0 if loss_type == "cispo" else 0.2, report_to="none")  # fmt: skip
+    trainer = rarl_trl.FusedGRPOTrainer(model=str(tiny_lm), reward_funcs=distinct_characters, args=args,
+                                        train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]),
+                                        processing_class=tok)  # fmt: skip
+    monkeypatch.setattr(trainer, "use_vllm", True, raising=False)
+    monkeypatch.setattr(trainer, "vllm_importance_sampling_correction", True, raising=False)
+    trainer.current_gradient_accumulation_steps = 1
+    model = trainer.model.train()
+    g = torch.Generator().manual_seed(3)
+    B, P, T = 4, 6, 8
+    V = model.config.vocab_size
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[0, :2] = 0  # left padding
+    completion_mask = torch.ones(B, T, dtype=torch.long)
+    completion_mask[1, 5:] = 0
+    completion_mask[3, 3:] = 0
+    inputs = dict(prompt_ids=torch.randint(0, V, (B, P), generator=g), prompt_mask=prompt_mask,
+                  completion_ids=torch.randint(0, V, (B, T), generator=g), completion_mask=completion_mask,
+                  advantages=torch.randn(B, generator=g), num_items_in_batch=completion_mask.sum().float(),
+                  importance_sampling_ratio=torch.exp(0.2 * torch.randn(B, T, generator=g)))  # fmt: skip
+    with torch.no_grad():
+        logp, *_ = trainer._get_per_token_logps_and_entropies(
+            model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([prompt_mask, completion_mask], 1), T,
+        )  # fmt: skip
+    inputs["old_per_token_logps"] = logp + 0.1 * torch.randn(B, T, generator=g)
+    inputs["ref_per_token_logps"] = logp + 0.1 * torch.randn(B, T, generator=g)
+    results = []
+    for compute_loss in (trainer._compute_loss, lambda m, x: trl.GRPOTrainer._compute_loss(trainer, m, x)):
+        with monkeypatch.context() as mp:
+            calls = KernelCalls(mp)
+            trainer._metrics["train"].clear()
+            model.zero_grad()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a fallback would warn
+                loss = compute_loss(model, inputs)
+            loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, dict(trainer._metrics["train"]), calls.calls))
+    (ours, ours_grads, ours_metrics, calls), (theirs, their_grads, their_metrics, trl_calls) = results
+    assert calls["ours-grpo"] == [0, 1] and calls["trl"] == [0, 0] and trl_calls["ours-grpo"] == [0, 0], calls
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert sorted(ours_grads) == sorted(their_grads) and len(ours_grads) > 0
+    for name, r in their_grads.items():
+        torch.testing.assert_close(ours_grads[name], r, rtol=0, atol=1e-5 * r.abs().max().item(), msg=name)
+    assert sorted(ours_metrics) == sorted(their_metrics)
+    for key, values in their_metrics.items():
+        assert ours_metrics[key] == pytest.approx(values, rel=1e-5, abs=1e-6), key

@@ -16,10 +16,12 @@ log-probs, computes instead the clipped surrogate, the KL term and their gradien
 head's weight with `rarl_kernels.fused_linear_grpo_loss` (one pass over the vocabulary; the head is still gathered
 there under DeepSpeed ZeRO-3). The loss is normalized as TRL normalizes it (loss type, `num_items_in_batch`,
 gradient accumulation, processes) and TRL's metrics are logged under TRL's names. What the fused kernels do not
-implement runs TRL's own `_compute_loss`, with one warning naming the reason: a loss type or option the kernels
-lack (asked of the kernels: `LOSS_TYPES` and the parameters of `fused_linear_grpo_loss`), the high-entropy token
-mask, the off-policy sequence mask, an entropy bonus, a MoE load-balancing loss, per-token advantages, and models
-whose logits are soft-capped or scaled.
+implement runs TRL's own `_compute_loss`, with one warning naming the reason: a loss type, option or combination
+the kernels lack (asked of the kernels: `LOSS_TYPES`, `LossOptions` and `check_loss_options`; today cispo, sapo
+and vespo with sequence-level importance sampling), the high-entropy token mask, the off-policy sequence mask, an
+entropy bonus, a MoE load-balancing loss, per-token advantages, and models whose logits are soft-capped or scaled.
+Every TRL 1.16 loss type (grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo, vespo) runs fused, with `delta`,
+sequence-level importance sampling, the KL bias correction and vLLM's importance weights.
 
 The two combine: with both, the no-gradient log-prob passes (old and reference log-probs) also run our kernel.
 """
@@ -27,7 +29,6 @@ The two combine: with both, the no-gradient log-prob passes (old and reference l
 from __future__ import annotations
 
 import contextlib
-import inspect
 import warnings
 from collections.abc import Iterator
 
@@ -36,9 +37,9 @@ import trl
 import trl.trainer.utils as trl_utils
 from trl.kernels import ChunkedLogProbFunction as TRLChunkedLogProbFunction
 
-from rarl_kernels.aggregation import LOSS_TYPES
 from rarl_kernels.fused_grpo import fused_linear_grpo_loss
 from rarl_kernels.linear_logprobs import fused_linear_logprob_stats
+from rarl_kernels.loss_types import LOSS_TYPES, LossOptions, check_loss_options
 
 # TRL's names of the optional per-token outputs, in its order, and ours.
 TRL_OUTPUTS = {"entropy": "entropy", "log_sum_sq_probs": "log_sum_sq_probs", "mean_logits": "mean_logit",
@@ -123,16 +124,17 @@ _TOKEN_NORMALIZED = ("dapo", "cispo", "vespo")
 _TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 # Loss types whose clip-ratio metrics TRL logs.
 _CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-# TRL options that the fused kernels take under the same name, with the value that turns each off.
+# TRL options that the fused kernels take under the same name (`LossOptions`), with the value that turns each off.
 _OPTIONS = {"delta": None, "importance_sampling_level": "token", "sapo_temperature_pos": None,
             "sapo_temperature_neg": None, "vespo_k_pos": None, "vespo_lambda_pos": None, "vespo_k_neg": None,
             "vespo_lambda_neg": None}  # fmt: skip
 
 
 def _kernel_options(trainer) -> tuple[dict, str | None]:
-    """The keyword arguments of `fused_linear_grpo_loss` for the trainer's GRPO options that change the loss, or the
-    reason the kernels cannot compute it: each active option must be a parameter of the kernel."""
-    params = inspect.signature(fused_linear_grpo_loss).parameters
+    """The keyword arguments of `fused_linear_grpo_loss` for the trainer's GRPO options that change the loss, and the
+    reason the kernels cannot compute it (None when they can): each active option must be one of `LossOptions`,
+    and the loss type and importance sampling level a combination the kernels define."""
+    params = LossOptions._fields
     args, loss_type = trainer.args, trainer.loss_type
     active = {"delta": args.delta, "importance_sampling_level": trainer.importance_sampling_level}
     if loss_type == "sapo":
@@ -141,8 +143,14 @@ def _kernel_options(trainer) -> tuple[dict, str | None]:
         active |= {k: getattr(args, k) for k in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")}
     kw = {k: v for k, v in active.items() if v != _OPTIONS[k]}
     missing = sorted(k for k in kw if k not in params)
-    return kw, (f"{', '.join(f'{k}={kw[k]!r}' for k in missing)} (not implemented by the fused kernels)"
-                if missing else None)  # fmt: skip
+    if missing:
+        return kw, f"{', '.join(f'{k}={kw[k]!r}' for k in missing)} (not implemented by the fused kernels)"
+    try:
+        check_loss_options(loss_type, trainer.importance_sampling_level)
+    except ValueError:
+        level = trainer.importance_sampling_level
+        return kw, f"loss_type={loss_type!r} with importance_sampling_level={level!r} (not in the fused kernels)"
+    return kw, None
 
 
 class _FusedLossHead:
@@ -210,7 +218,6 @@ class FusedGRPOLossMixin:
         if self.loss_type not in LOSS_TYPES:
             return f"loss_type={self.loss_type!r} (the fused kernels implement {LOSS_TYPES})"
         _, missing = _kernel_options(self)
-        vespo_is = self.loss_type == "vespo" and self._vllm_is_ratio(inputs) is not None
         checks = [
             (missing is not None, missing),
             (self.top_entropy_quantile < 1.0, "top_entropy_quantile < 1 (its mask needs every entropy first)"),
@@ -218,7 +225,6 @@ class FusedGRPOLossMixin:
             (self._entropy_bonus_enabled, "an entropy bonus (it needs the entropy's gradient)"),
             (self.aux_loss_enabled, "a MoE load-balancing loss"),
             (inputs["advantages"].dim() != 1, "per-token advantages"),
-            (vespo_is, "vespo with vLLM importance weights"),
         ]  # fmt: skip
         return next((why for failed, why in checks if failed), None)
 
