@@ -243,23 +243,28 @@ def fused_grpo_chunks_torch(hidden, weight, bias, labels, tok: TokenOperands, ne
         z = chunk_logits(h_c, weight, bias, inv_t)
         m = z.amax(-1)
         z.sub_(m[:, None])  # z - m, then log p = (z - m) - log-sum: exact for the top tokens (see linear_logprobs)
-        log_sum = torch.logsumexp(z, dim=-1)
         valid = (y >= 0) & (y < V)
-        st[0] = torch.where(valid, z.gather(1, y.clamp(0, V - 1)[:, None]).squeeze(1) - log_sum, 0.0)
-        st[1] = m + log_sum
-        logprobs = z.sub_(log_sum[:, None])
+        z_label = z.gather(1, y.clamp(0, V - 1)[:, None]).squeeze(1)
         if opts.entropy:
-            p = logprobs.exp()
-            st[2] = -torch.mul(p, logprobs, out=logprobs).sum(-1)
+            p = z.exp()
+            total = p.sum(-1)
+            # H = log-sum - sum(e^(z-m) (z-m)) / sum(e^(z-m)); bmm forms the row dot products without a [rows, V]
+            st[2] = total.log() - torch.bmm(p[:, None, :], z[:, :, None]).view(-1) / total
         else:
-            p = logprobs.exp_()
+            p = z.exp_()  # in place: one [rows, V] buffer per chunk (logsumexp would allocate a second)
+            total = p.sum(-1)
             st[2] = 0.0
+        log_sum = total.log()
+        st[0] = torch.where(valid, z_label - log_sum, 0.0)
+        st[1] = m + log_sum
+        p.div_(total[:, None])
         if not prepass:
             token_stats(st[0], tok.rows(r0, r1), opts.loss, opts.seq_len, st[_TOKEN:], "torch")
         if any(needs):
             coef = torch.where(valid, st[STATS.index("coef")], 0.0)
             dz = p.mul_(-coef[:, None]).scatter_add_(1, y.clamp(0, V - 1)[:, None], coef[:, None]).mul_(inv_t)
             contract_dlogits_torch(dz, h_c, weight, gh[r0:r1] if gh is not None else None, gw, gb)
+        z = p = dz = None  # free this chunk's buffers before the next chunk's logits are allocated
     return stats, (gh, *_cast_grads(None, gw, gb, hidden, weight, bias)[1:])
 
 
