@@ -1,20 +1,24 @@
 """Benchmark the fused lm_head + GRPO loss against torch eager, torch.compile and Liger's chunked loss.
 
 Providers: torch (eager: materialized logits), torch.compile (of the same function), liger
-(LigerFusedLinearGRPOLoss), ours (FusedLinearGRPOLoss: Triton on CUDA, chunked torch on CPU), and matmul
-(hidden @ weight^T alone, the cuBLAS/MKL roofline of the same run). Modes: forward (the loss call with
-inputs requiring grad; the fused losses compute their gradients there), backward (loss.backward() after an
-untimed forward, graph retained), full (both).
+(LigerFusedLinearGRPOLoss), trl (TRL 1.16's chunked log-prob kernel, `trl.kernels.ChunkedLogProbFunction` with the
+vocabulary tile its fused lm-head uses, then the per-token GRPO loss in torch as `GRPOTrainer._compute_loss` forms
+it), verl (verl 0.9.1's torch backend, `FusedLinearForPPO`, read from the wheel `make trainers` downloads, then the
+same torch loss), ours (FusedLinearGRPOLoss: Triton on CUDA, chunked torch on CPU), and matmul (hidden @ weight^T
+alone, the cuBLAS/MKL roofline of the same run). trl asks its kernel for the log-probs only (TRL's trainer also
+asks for the entropy); verl's backend computes the entropy whatever is asked, as it does in verl. Modes: forward
+(the loss call with inputs requiring grad; the fused losses compute their gradients there), backward
+(loss.backward() after an untimed forward, graph retained), full (both).
 
 Time: `triton.testing.do_bench` (median) on CUDA; on CPU a timed loop (warmup, median of --reps).
 Peak memory, mode full, extra over what was allocated before the call: `torch.cuda.max_memory_allocated`
 on CUDA; on CPU the peak of live bytes allocated inside the call, from the CPU allocator's alloc/free
 events recorded by `torch.profiler` (profile_memory=True) — exact for tensors, blind to non-torch memory.
 TFLOP/s (mode full): FLOPs the provider actually executes / time: 6*N*H*V for torch, compile and ours
-(logits + two gradient GEMMs), 8*N*H*V for Liger (it recomputes the logits in its backward).
+(logits + two gradient GEMMs), 8*N*H*V for Liger, TRL and verl (they recompute the logits in the backward).
 
 Usage: python bench/bench_kernels.py [--device cpu|cuda] [--shape cpu|qwen2.5-vl-3b|qwen2.5-vl-7b ...]
-       [--providers torch,compile,liger,ours] [--modes forward,backward,full] [--quick]
+       [--providers torch,compile,liger,trl,verl,ours] [--modes forward,backward,full] [--quick]
 Rows go to bench/results/kernels.csv.
 """
 
@@ -24,11 +28,12 @@ import argparse
 import datetime
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-from _results import append_csv, device_label, git_commit, results_dir
+from _results import ROOT, append_csv, device_label, git_commit, results_dir
 
 from rarl_kernels import FusedLinearGRPOLoss
 from rarl_kernels.reference import fused_linear_logprobs_ref, grpo_loss_ref
@@ -40,7 +45,7 @@ SHAPES = {
     "qwen2.5-vl-3b": (16, 1024, 2048, 151936, torch.bfloat16),
     "qwen2.5-vl-7b": (16, 1024, 3584, 151936, torch.bfloat16),
 }
-GEMMS = {"torch": 6, "compile": 6, "ours": 6, "liger": 8, "matmul": 2}  # x N*H*V FLOPs, mode full
+GEMMS = {"torch": 6, "compile": 6, "ours": 6, "liger": 8, "trl": 8, "verl": 8, "matmul": 2}  # x N*H*V, mode full
 BETA, LOSS_TYPE = 0.04, "dapo"
 
 
@@ -62,28 +67,82 @@ def eager_loss(h, w, y, mask, adv, old, ref):
     return grpo_loss_ref(logp, old, ref, adv, mask, beta=BETA, loss_type=LOSS_TYPE)[0]
 
 
-def make_providers(names, device):
+class Unavailable(Exception):
+    """A provider whose library is not installed or fetched here."""
+
+
+def trl_loss_fn():
+    """TRL 1.16: its chunked log-prob kernel as its fused lm-head calls it, then the per-token loss in torch."""
+    try:
+        import trl.trainer.utils as trl_utils
+        from trl.kernels import ChunkedLogProbFunction
+    except ImportError as err:
+        raise Unavailable(f"TRL 1.15+ is not installed ({err})") from err
+
+    def trl_loss(h, w, y, mask, adv, old, ref):
+        logp = ChunkedLogProbFunction.apply(h.reshape(-1, h.shape[-1]), w, None, y.reshape(-1), 1.0,
+                                            trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs",))[0]
+        return grpo_loss_ref(logp.view(y.shape), old, ref, adv, mask, beta=BETA, loss_type=LOSS_TYPE)[0]
+
+    return trl_loss
+
+
+def verl_loss_fn():
+    """verl 0.9.1's torch backend (its module file from the downloaded wheel), then the per-token loss in torch."""
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers import trainer_releases
+
+    wheel = trainer_releases.wheel("verl", "0.9.1")
+    if wheel is None:
+        raise Unavailable(f"verl 0.9.1 {trainer_releases.MISSING}")
+    with trainer_releases.packages_from_wheel(wheel, ("verl", "verl.utils", "verl.utils.experimental")):
+        from verl.utils.experimental.torch_functional import FusedLinearForPPO
+    verl = FusedLinearForPPO(impl_backend="torch")
+
+    def verl_loss(h, w, y, mask, adv, old, ref):
+        logp, _ = verl(h, w, y, temperature=1.0)
+        return grpo_loss_ref(logp, old, ref, adv, mask, beta=BETA, loss_type=LOSS_TYPE)[0]
+
+    return verl_loss
+
+
+def make_providers(names, device, *, required=True):
+    """name -> loss function of (h, w, y, mask, adv, old, ref). A trainer provider that is not available here stops
+    the run when `required`, else is left out with a line saying so."""
     out = {}
     for name in names:
-        if name == "torch":
-            out[name] = eager_loss
-        elif name == "compile":
-            out[name] = torch.compile(eager_loss)
-        elif name == "liger":
-            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-            liger = LigerFusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE, compiled=device.type == "cuda")
-            out[name] = lambda h, w, y, mask, adv, old, ref, m=liger: m(
-                h, w, y, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old
-            )[0]
-        elif name == "ours":
-            ours = FusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE)
-            out[name] = lambda h, w, y, mask, adv, old, ref, m=ours: m(
-                h, w, y, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old
-            )[0]
-        else:
-            raise SystemExit(f"unknown provider {name!r}")
+        try:
+            out[name] = make_provider(name, device)
+        except Unavailable as err:
+            if required:
+                raise SystemExit(f"provider {name}: {err}") from err
+            print(f"provider {name} left out: {err}")
     return out
+
+
+def make_provider(name, device):
+    """The loss function of provider `name`."""
+    if name == "torch":
+        return eager_loss
+    if name == "compile":
+        return torch.compile(eager_loss)
+    if name == "trl":
+        return trl_loss_fn()
+    if name == "verl":
+        return verl_loss_fn()
+    if name == "liger":
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        except ImportError as err:
+            raise Unavailable(f"Liger is not installed ({err})") from err
+        module = LigerFusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE, compiled=device.type == "cuda")
+    elif name == "ours":
+        module = FusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE)
+    else:
+        raise SystemExit(f"unknown provider {name!r}")
+    return lambda h, w, y, mask, adv, old, ref: module(
+        h, w, y, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old
+    )[0]
 
 
 def timer(device, reps):
@@ -185,19 +244,18 @@ def print_table(rows):
         mem = r["peak_mb"] / b["peak_mb"] if b and b["peak_mb"] == b["peak_mb"] else float("nan")
         print(f"{r['shape']:15} {r['mode']:8} {r['provider']:9} {r['ms']:10.2f} {speed:7.2f}x {r['peak_mb']:10.1f} "
               f"{mem:9.3f} {r['tflops']:8.3f}")  # fmt: skip
-    for (shape, mode), b in base.items():
-        ours = [r for r in rows if r["provider"] == "ours" and r["shape"] == shape and r["mode"] == mode]
-        if mode == "full" and ours:
-            o = ours[0]
-            print(f"{shape}: ours/torch, forward+backward: time {o['ms'] / b['ms']:.2f}x, "
-                  f"peak extra memory {o['peak_mb'] / b['peak_mb']:.3f}x")  # fmt: skip
+    full = [r for r in rows if r["mode"] == "full"]
+    for o in (r for r in full if r["provider"] == "ours"):
+        for other in (r for r in full if r["shape"] == o["shape"] and r["provider"] not in ("ours", "matmul")):
+            print(f"{o['shape']}: ours/{other['provider']}, forward+backward: time {o['ms'] / other['ms']:.2f}x, "
+                  f"peak extra memory {o['peak_mb'] / other['peak_mb']:.3f}x")  # fmt: skip
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shape", nargs="+", default=None, choices=list(SHAPES))
-    ap.add_argument("--providers", default=None, help="comma list of torch,compile,liger,ours")
+    ap.add_argument("--providers", default=None, help="comma list of torch,compile,liger,trl,verl,ours")
     ap.add_argument("--modes", default="forward,backward,full")
     ap.add_argument("--reps", type=int, default=5, help="CPU timed repetitions (median)")
     ap.add_argument("--quick", action="store_true", help="CPU: 2 reps; CUDA: providers torch,liger,ours")
@@ -206,8 +264,9 @@ def main(argv=None):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     shapes = args.shape or (["qwen2.5-vl-3b", "qwen2.5-vl-7b"] if cuda else ["cpu"])
-    default_providers = "torch,compile,liger,ours" if cuda and not args.quick else "torch,liger,ours"
-    providers = make_providers((args.providers or default_providers).split(","), device)
+    default_providers = "torch,compile,liger,trl,verl,ours" if cuda and not args.quick else "torch,liger,trl,verl,ours"
+    providers = make_providers((args.providers or default_providers).split(","), device,
+                               required=args.providers is not None)  # fmt: skip
     reps = 2 if args.quick else args.reps
     if not cuda:
         torch.set_num_threads(os.cpu_count() or 1)

@@ -23,8 +23,11 @@ LAUNCHES: collections.Counter[str] = collections.Counter()
 # CUDA: 1 GiB (1664 rows at V=151936). Each chunk reads and writes the fp32 weight gradient once; the roofline
 # model (bench/roofline.py --sweep) puts the knee there: below it that traffic outweighs the gradient GEMM (0.5 GiB
 # is predicted 24 % slower on an H100), above it nothing is gained, while the buffer stays ~1/9 of eager's logits.
-# CPU: 16 MiB chunks stay cache-friendly and keep the peak far below eager's.
-DEFAULT_CHUNK_BYTES = {"cuda": 2**30, "cpu": 16 * 2**20}
+# CPU: 64 MiB (512 rows at V=32000). Each chunk is a dozen short parallel regions (GEMMs and elementwise passes);
+# on a shared CPU every region waits for its slowest thread, so fewer, larger chunks lose less to contention
+# (bench_kernels' cpu shape, fp32 forward+backward, cores shared: 16 MiB took 1.5x eager's time, 64 MiB 0.87x)
+# while the peak stays ~1/15 of eager's (128 MiB: 1/9).
+DEFAULT_CHUNK_BYTES = {"cuda": 2**30, "cpu": 64 * 2**20}
 
 
 def interpreting() -> bool:

@@ -2,11 +2,12 @@
 
 `launch_variants(arch)` runs the ops over every option combination they accept (fp32 and bf16, bias, old and
 reference log-probs, importance weights, bias correction, every surrogate, token- and sequence-level ratios,
-entropy gradient, full and partial row chunks, chunks of whole sequences and the log-prob pre-pass, aligned and
-odd vocabulary sizes) under `capture_launches(arch)`, so the launchers choose tiles and flags exactly as on a
-GPU of that tile family, and returns the distinct launches: kernel, argument specialization (Triton's own binder,
-so integer and pointer alignment attributes are those of a real launch), constexprs and launch options. Variants
-are what the launchers really launch, never a list kept by hand: a new flag or kernel shows up by itself.
+entropy gradient, logit soft cap, every per-row statistic, full and partial row chunks, chunks of whole sequences
+and the log-prob pre-pass, aligned and odd vocabulary sizes) under `capture_launches(arch)`, so the launchers
+choose tiles and flags exactly as on a GPU of that tile family, and returns the distinct launches: kernel, argument
+specialization (Triton's own binder, so integer and pointer alignment attributes are those of a real launch),
+constexprs and launch options. Variants are what the launchers really launch, never a list kept by hand: a new flag
+or kernel shows up by itself.
 `compile_variant` compiles one with `triton.compile` for sm_80, sm_90a or sm_100a, with the ptxas of the triton
 wheel, and reads registers, spill bytes and shared memory from the ptxas log and the tensor-core instruction from
 the SASS (`cuobjdump`). `problems` states the health rules.
@@ -42,7 +43,7 @@ from triton.backends.compiler import GPUTarget
 from rarl_kernels._utils import Launch, capture_launches, interpreting
 from rarl_kernels.fused_grpo import fused_linear_grpo_loss
 from rarl_kernels.grpo_loss import grpo_loss
-from rarl_kernels.linear_logprobs import fused_linear_logprobs
+from rarl_kernels.linear_logprobs import STATISTICS, fused_linear_logprob_stats, fused_linear_logprobs
 
 ARCHS = (80, 90, 100)  # tile families; triton names the targets sm_80, sm_90a (wgmma), sm_100a (tcgen05)
 # Largest shared memory one block may use. The 80 family also runs on sm_86/89 and sm_120 (99 KB), not only on
@@ -176,6 +177,12 @@ def option_runs(dtype: torch.dtype, shape: tuple[int, int, int], device: str = "
                                     impl="triton")  # fmt: skip
         (out[0].sum() + out[1].sum() if entropy else out.sum()).backward()
         yield
+    # every per-row statistic, of soft-capped and scaled logits (what TRL's fused lm_head can ask for)
+    h, w = leaf(N, H), leaf(V, H)
+    out = fused_linear_logprob_stats(h, w, labels.reshape(-1)[:N], softcap=30.0, logit_scale=0.5, stats=STATISTICS,
+                                     chunk_bytes=chunk, impl="triton")  # fmt: skip
+    (out.logp.sum() + out.entropy.sum()).backward()
+    yield
     for old, ref, isw, corr in itertools.product((False, True), repeat=4):
         logp = (rand(B, T) - 2).requires_grad_()
         adv = rand(B)

@@ -46,9 +46,14 @@ from rarl_kernels._utils import (
 )
 from rarl_kernels.aggregation import grpo_metrics, token_weights
 from rarl_kernels.grpo_loss import TOKEN_STATS, TokenOperands, per_token_inputs, token_stats
-from rarl_kernels.linear_logprobs import fused_linear_logprobs, linear_logprobs_fwd_chunked, linear_logprobs_fwd_triton
+from rarl_kernels.linear_logprobs import (
+    LogitForm,
+    fused_linear_logprobs,
+    linear_logprobs_fwd_chunked,
+    linear_logprobs_fwd_triton,
+)
 from rarl_kernels.loss_types import LossOptions
-from rarl_kernels.reference import fused_linear_grpo_loss_ref
+from rarl_kernels.reference import fused_linear_grpo_loss_ref, fused_linear_logprobs_ref, grpo_token_loss_ref
 
 # Rows of the per-token output block: what `_grpo_rows_kernel` writes, then `grpo_loss.TOKEN_STATS`.
 STATS = ("logp", "lse", "entropy", *TOKEN_STATS)
@@ -178,7 +183,7 @@ def fused_grpo_chunks_triton(hidden, weight, bias, labels, tok: TokenOperands, n
     gb = torch.zeros(V, device=dev, dtype=torch.float32) if needs[2] else None
     inv_t = 1.0 / opts.temperature
     if prepass:
-        logp = linear_logprobs_fwd_triton(hidden, weight, labels, bias, opts.temperature)[0]
+        logp = linear_logprobs_fwd_triton(hidden, weight, labels, bias, LogitForm(opts.temperature), frozenset())[0]
         token_stats(logp, tok, opts.loss, opts.seq_len, stats[_TOKEN:], "triton")
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
@@ -229,7 +234,8 @@ def fused_grpo_chunks_torch(hidden, weight, bias, labels, tok: TokenOperands, ne
     gb = torch.zeros(V, device=dev, dtype=torch.float32) if needs[2] else None
     inv_t = 1.0 / opts.temperature
     if prepass:
-        logp = linear_logprobs_fwd_chunked(hidden, weight, labels, bias, opts.temperature, chunk_bytes, False)[0]
+        logp = linear_logprobs_fwd_chunked(hidden, weight, labels, bias, LogitForm(opts.temperature), chunk_bytes,
+                                           frozenset())[0]
         token_stats(logp, tok, opts.loss, opts.seq_len, stats[_TOKEN:], "torch")
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
@@ -237,23 +243,28 @@ def fused_grpo_chunks_torch(hidden, weight, bias, labels, tok: TokenOperands, ne
         z = chunk_logits(h_c, weight, bias, inv_t)
         m = z.amax(-1)
         z.sub_(m[:, None])  # z - m, then log p = (z - m) - log-sum: exact for the top tokens (see linear_logprobs)
-        log_sum = torch.logsumexp(z, dim=-1)
         valid = (y >= 0) & (y < V)
-        st[0] = torch.where(valid, z.gather(1, y.clamp(0, V - 1)[:, None]).squeeze(1) - log_sum, 0.0)
-        st[1] = m + log_sum
-        logprobs = z.sub_(log_sum[:, None])
+        z_label = z.gather(1, y.clamp(0, V - 1)[:, None]).squeeze(1)
         if opts.entropy:
-            p = logprobs.exp()
-            st[2] = -torch.mul(p, logprobs, out=logprobs).sum(-1)
+            p = z.exp()
+            total = p.sum(-1)
+            # H = log-sum - sum(e^(z-m) (z-m)) / sum(e^(z-m)); bmm forms the row dot products without a [rows, V]
+            st[2] = total.log() - torch.bmm(p[:, None, :], z[:, :, None]).view(-1) / total
         else:
-            p = logprobs.exp_()
+            p = z.exp_()  # in place: one [rows, V] buffer per chunk (logsumexp would allocate a second)
+            total = p.sum(-1)
             st[2] = 0.0
+        log_sum = total.log()
+        st[0] = torch.where(valid, z_label - log_sum, 0.0)
+        st[1] = m + log_sum
+        p.div_(total[:, None])
         if not prepass:
             token_stats(st[0], tok.rows(r0, r1), opts.loss, opts.seq_len, st[_TOKEN:], "torch")
         if any(needs):
             coef = torch.where(valid, st[STATS.index("coef")], 0.0)
             dz = p.mul_(-coef[:, None]).scatter_add_(1, y.clamp(0, V - 1)[:, None], coef[:, None]).mul_(inv_t)
             contract_dlogits_torch(dz, h_c, weight, gh[r0:r1] if gh is not None else None, gw, gb)
+        z = p = dz = None  # free this chunk's buffers before the next chunk's logits are allocated
     return stats, (gh, *_cast_grads(None, gw, gb, hidden, weight, bias)[1:])
 
 
@@ -307,7 +318,8 @@ def fused_linear_grpo_loss(
     compute_entropy: bool = True,
     impl: str | None = None,
     chunk_bytes: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return_per_token: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
     """GRPO-family loss straight from the policy's last hidden states, never holding the [B*T, V] logits.
 
     hidden [B, T, H]; weight [V, H]; labels, mask [B, T]; advantages [B]; bias [V] | None; logp_old,
@@ -317,6 +329,9 @@ def fused_linear_grpo_loss(
     `grpo_loss`'s; max_completion_length, num_items_in_batch and world_size feed the aggregation. Metrics:
     `grpo_loss`'s, plus "entropy_mean" (of the policy at temperature T) when compute_entropy. Differentiable
     w.r.t. hidden, weight and bias; the gradients are computed during the forward (see the module docstring).
+    With return_per_token, a third output holds the per-token values of the pass, [B, T] fp32 without gradient:
+    "logp", "kl", "ratio", "clipped" and "entropy" (when compute_entropy), for a trainer that logs statistics of
+    its own.
     """
     o = LossOptions(loss_type, importance_sampling_level, eps_low, eps_high, beta, delta, sapo_temperature_pos,
                     sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
@@ -329,10 +344,14 @@ def fused_linear_grpo_loss(
             logp_ref = fused_linear_logprobs(ref_hidden, ref_weight, labels, temperature=temperature, bias=ref_bias,
                                              impl=impl, chunk_bytes=chunk_bytes)  # fmt: skip
     if impl == "torch":
-        return fused_linear_grpo_loss_ref(
+        out = fused_linear_grpo_loss_ref(
             hidden, weight, labels, mask, advantages, bias=bias, logp_old=logp_old, logp_ref=logp_ref,
             is_ratio=is_ratio, temperature=temperature, compute_entropy=compute_entropy, **agg, **o._asdict(),
         )  # fmt: skip
+        if not return_per_token:
+            return out
+        return *out, _per_token_ref(hidden, weight, labels, mask, advantages, bias, logp_old, logp_ref, is_ratio,
+                                    temperature, compute_entropy, o)  # fmt: skip
     B, T, H = hidden.shape
     h2 = hidden.reshape(B * T, H)
     w = weight if weight.dtype == h2.dtype else weight.to(h2.dtype)
@@ -346,4 +365,21 @@ def fused_linear_grpo_loss(
     loss, stats = _FusedLinearGRPO.apply(h2, w, bias, y, tok, needs, opts, impl, chunk_bytes)
     st = {k: stats[i].view(B, T) for i, k in enumerate(STATS)}
     entropy = st["entropy"] if compute_entropy else None
-    return loss, grpo_metrics(mask, st["kl"], st["ratio"], st["clipped"], beta, entropy)
+    metrics = grpo_metrics(mask, st["kl"], st["ratio"], st["clipped"], beta, entropy)
+    if not return_per_token:
+        return loss, metrics
+    per_token = {k: st[k] for k in ("logp", "kl", "ratio", "clipped")}
+    return loss, metrics, per_token | ({"entropy": entropy} if compute_entropy else {})
+
+
+def _per_token_ref(hidden, weight, labels, mask, advantages, bias, logp_old, logp_ref, is_ratio, temperature, entropy,
+                   o: LossOptions):  # fmt: skip
+    """`return_per_token`'s values on the reference path (a second materializing pass, without gradient)."""
+    with torch.no_grad():
+        logp, ent = fused_linear_logprobs_ref(hidden, weight, labels, temperature=temperature, bias=bias,
+                                              return_entropy=True)  # fmt: skip
+        if is_ratio is not None:
+            is_ratio = is_ratio.float().reshape(is_ratio.shape[0], -1)
+        _, kl, ratio, clipped = grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, mask, o, is_ratio)
+    out = {"logp": logp, "kl": kl, "ratio": ratio, "clipped": clipped}
+    return out | ({"entropy": ent} if entropy else {})

@@ -16,23 +16,48 @@ from rarl_kernels.aggregation import grpo_metrics, token_weights
 from rarl_kernels.loss_types import LossOptions
 
 
-def fused_linear_logprobs_ref(
-    hidden, weight, labels, *, temperature=1.0, bias=None, return_entropy=False, upcast=False
-):
-    """Reference of `fused_linear_logprobs`, materializing [N, V]. `upcast=True` does the matmul in fp32."""
+def _logits_ref(hidden, weight, bias, upcast):
+    """hidden @ weight^T + bias, in the inputs' dtype, or in fp32 with `upcast`."""
     if upcast:
         hidden, weight = hidden.float(), weight.float()
         bias = bias.float() if bias is not None else None
     logits = hidden @ weight.t()
-    if bias is not None:
-        logits = logits + bias
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    V = weight.shape[0]
+    return logits + bias if bias is not None else logits
+
+
+def _label_logp_ref(logprobs, labels):
+    """logprobs[..., labels], 0 where the label is outside [0, V)."""
+    V = logprobs.shape[-1]
     valid = (labels >= 0) & (labels < V)
-    logp = torch.where(valid, logprobs.gather(-1, labels.clamp(0, V - 1)[..., None]).squeeze(-1), 0.0)
+    return torch.where(valid, logprobs.gather(-1, labels.clamp(0, V - 1)[..., None]).squeeze(-1), 0.0), valid
+
+
+def fused_linear_logprobs_ref(
+    hidden, weight, labels, *, temperature=1.0, bias=None, return_entropy=False, upcast=False
+):
+    """Reference of `fused_linear_logprobs`, materializing [N, V]. `upcast=True` does the matmul in fp32."""
+    logprobs = torch.log_softmax(_logits_ref(hidden, weight, bias, upcast).float() / temperature, dim=-1)
+    logp, _ = _label_logp_ref(logprobs, labels)
     if not return_entropy:
         return logp
     return logp, -(logprobs.exp() * logprobs).sum(-1)
+
+
+def fused_linear_logprob_stats_ref(hidden, weight, labels, *, bias=None, temperature=1.0, softcap=None,
+                                   logit_scale=1.0, upcast=False):  # fmt: skip
+    """Reference of `fused_linear_logprob_stats`, materializing [N, V]: (logp, entropy, log sum p^2, mean logit,
+    label is the first argmax), every statistic computed."""
+    z = _logits_ref(hidden, weight, bias, upcast).float() * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    logprobs = torch.log_softmax(z, dim=-1)
+    logp, valid = _label_logp_ref(logprobs, labels)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    with torch.no_grad():
+        log_sum_sq = torch.logsumexp(2 * logprobs, dim=-1)
+        is_argmax = valid & (z.argmax(-1) == labels)
+    return logp, entropy, log_sum_sq, z.detach().mean(-1), is_argmax
 
 
 @torch.no_grad()

@@ -453,3 +453,34 @@ def test_confident_rows_keep_their_small_log_probs(impl):
     _, metrics = fused_linear_grpo_loss(h, w, y, torch.ones_like(y), torch.ones(1), logp_old=truth, beta=0.0,
                                         impl=impl)  # fmt: skip
     assert abs(metrics["ratio_mean"].item() - 1.0) <= 8 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("bias_correction_kl", [False, True])
+@pytest.mark.parametrize("impl", ["triton", "chunked", "torch"])
+def test_per_token_values(impl, bias_correction_kl):
+    """return_per_token: the per-token log-probs, entropy, KL, ratio and clip flags of the pass, without gradient,
+    equal to the reference's; the loss and gradients are those of the plain call."""
+    B, T, H, V = 3, 21, 72, 1000
+    d = make_batch(B, T, H, V, temperature=0.7)
+    kw = dict(logp_old=d["old"], logp_ref=d["ref"], temperature=0.7, beta=0.04, eps_high=0.28,
+              bias_correction_kl=bias_correction_kl)  # fmt: skip
+    args = (d["hidden"], d["weight"], d["labels"], d["mask"], d["adv"])
+    loss, metrics, per_token = fused_linear_grpo_loss(*args, bias=d["bias"], impl=impl, chunk_bytes=24 * V * 4,
+                                                      return_per_token=True, **kw)  # fmt: skip
+    plain, _ = fused_linear_grpo_loss(*args, bias=d["bias"], impl=impl, chunk_bytes=24 * V * 4, **kw)
+    assert loss.item() == plain.item() and loss.requires_grad
+    assert sorted(per_token) == ["clipped", "entropy", "kl", "logp", "ratio"]
+    logp, ent = fused_linear_logprobs_ref(d["hidden"], d["weight"], d["labels"], bias=d["bias"], temperature=0.7,
+                                          return_entropy=True)  # fmt: skip
+    ratio = torch.exp(logp - d["old"])
+    k3 = torch.exp(d["ref"] - logp) - (d["ref"] - logp) - 1
+    adv = d["adv"][:, None]
+    clipped = ((ratio < 0.8) & (adv < 0)) | ((ratio > 1.28) & (adv > 0))
+    expected = dict(logp=logp, entropy=ent, ratio=ratio, kl=k3 * ratio if bias_correction_kl else k3,
+                    clipped=clipped.float())  # fmt: skip
+    for name, value in per_token.items():
+        assert value.shape == (B, T) and not value.requires_grad, name
+        torch.testing.assert_close(value, expected[name].detach(), rtol=2e-5, atol=2e-6, msg=name)
+    torch.testing.assert_close(metrics["kl_mean"], (per_token["kl"] * d["mask"]).sum() / d["mask"].sum())
+    _, _, without_entropy = fused_linear_grpo_loss(*args, impl=impl, compute_entropy=False, return_per_token=True)
+    assert "entropy" not in without_entropy

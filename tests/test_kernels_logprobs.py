@@ -173,3 +173,73 @@ def test_memory_probe_catches_materialized_logits():
     with LargestTensorMode() as mode:
         fused_linear_logprobs(h, w, y, bias=b, impl="torch").sum().backward()
     assert mode.largest >= N * V
+
+
+FORMS = [
+    pytest.param({}, id="plain"),
+    pytest.param({"logit_scale": 2.5}, id="scale"),
+    pytest.param({"softcap": 3.0, "logit_scale": 0.7}, id="softcap-scale"),
+]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_statistics_match_reference(impl, form):
+    """Every per-row statistic, in one pass, with a logit scale and soft cap; gradients through logp and the
+    entropy (fp32, relative 3e-5 of the largest value, as the plain log-probs)."""
+    N, H, V = 63, 72, 1000
+    h, w, b, y, up = make_inputs(N, H, V, torch.float32, bias=True)
+    with torch.no_grad():  # a third of the labels are the argmax, so that is_argmax is True somewhere
+        z = (h @ w.t() + b) * form.get("logit_scale", 1.0)
+        y[::3] = z.argmax(-1)[::3]
+    y[2] = -100
+    params = [h, w, b]
+    ours = rarl_kernels.fused_linear_logprob_stats(h, w, y, bias=b, temperature=0.7, stats=rarl_kernels.STATISTICS,
+                                                   impl=impl, chunk_bytes=24 * V * 4, **form)  # fmt: skip
+    ref = rarl_kernels.fused_linear_logprob_stats_ref(h, w, y, bias=b, temperature=0.7, **form)
+    assert ours.is_argmax.dtype == torch.bool and ours.is_argmax.sum() >= N // 3 - 1
+    assert torch.equal(ours.is_argmax, ref[4]) and not ours.is_argmax[2]
+    for name, a, r in zip(ours._fields[:4], ours[:4], ref[:4]):
+        assert_rel_close(a, r, rtol=3e-5, name=name)
+    assert not any(t.requires_grad for t in ours[2:]) and ours.logp.requires_grad and ours.entropy.requires_grad
+    loss = lambda out: (out[0] * up[0]).sum() + (out[1] * up[1]).sum()
+    grads = torch.autograd.grad(loss(ours), params, retain_graph=True)
+    for name, a, r in zip("hwb", grads, torch.autograd.grad(loss(ref), params, retain_graph=True)):
+        assert_rel_close(a, r, rtol=3e-5, name=f"grad_{name}")
+    # only logp trained on (the entropy logged): the same gradients as of logp alone
+    ga = torch.autograd.grad(ours.logp.sum(), params)
+    gr = torch.autograd.grad(ref[0].sum(), params)
+    for name, a, r in zip("hwb", ga, gr):
+        assert_rel_close(a, r, rtol=3e-5, name=f"grad_{name} of logp")
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_argmax_is_the_first_maximum(impl):
+    """A label tied with an earlier column is not the argmax (torch.argmax and TRL's convention); one tied with a
+    later column is; an ignored label never is. One-hot hidden rows make the logits exactly the values chosen."""
+    V, H = 300, 8
+    z = torch.linspace(-3, 3, V).repeat(4, 1)
+    z[:, [10, 200]] = 5.0
+    h, w = torch.eye(4, H), torch.zeros(V, H)
+    w[:, :4] = z.t()
+    y = torch.tensor([200, 10, 150, -100])
+    out = rarl_kernels.fused_linear_logprob_stats(h, w, y, stats=("is_argmax",), impl=impl)
+    assert out.is_argmax.tolist() == [False, True, False, False]
+    assert out.entropy is None and out.mean_logit is None
+
+
+def test_statistics_reject_unknown_names():
+    h, w, _, y, _ = make_inputs(4, 8, 32, torch.float32, bias=False)
+    with pytest.raises(ValueError, match="unknown statistics"):
+        rarl_kernels.fused_linear_logprob_stats(h, w, y, stats=("entropy", "perplexity"))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_statistics_never_materialize_a_quarter_of_the_logits(impl):
+    N, H, V = 160, 32, 512
+    h, w, b, y, up = make_inputs(N, H, V, torch.float32, bias=True)
+    with LargestTensorMode() as mode:
+        out = rarl_kernels.fused_linear_logprob_stats(h, w, y, bias=b, softcap=4.0, stats=rarl_kernels.STATISTICS,
+                                                      impl=impl, chunk_bytes=8 * V * 4)  # fmt: skip
+        torch.autograd.grad((out.logp * up[0]).sum() + (out.entropy * up[1]).sum(), [h, w, b])
+    assert mode.largest < N * V // 4, (mode.largest, mode.largest_op)

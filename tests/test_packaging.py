@@ -26,6 +26,15 @@ def test_rarl_kernels_imports_no_rarl_fast_module():
     assert json.loads(out.strip().splitlines()[-1]) == []
 
 
+def test_rarl_kernels_imports_no_trainer():
+    """The trainer integrations are separate modules: the core package does not import TRL, verl or Liger."""
+    out = _run_python(
+        "import json, sys, rarl_kernels, rarl_kernels.integrations; "
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'trl', 'verl', 'liger_kernel'})))"
+    )
+    assert json.loads(out.strip().splitlines()[-1]) == []
+
+
 def test_rarl_kernels_source_never_imports_rarl_fast():
     pattern = re.compile(r"^\s*(from\s+rarl_fast[\s.]|import\s+rarl_fast\b)", re.MULTILINE)
     offenders = [p.name for p in (ROOT / "kernels").rglob("*.py") if pattern.search(p.read_text())]

@@ -20,6 +20,7 @@ from rarl_fast.config_loader import config_from_dict
 from rarl_fast.model import load_model, load_processor, make_tiny_vlm
 from rarl_fast.policy import LossSettings, PolicyModule, StepCounts
 from rarl_fast.rollout import GenerationParams, HFEngine
+from rarl_kernels import _utils
 from rarl_kernels.testing import LargestTensorMode
 from tests.helpers.rollout_batch import prompt_batch
 
@@ -66,8 +67,11 @@ def run_update(model, ro, impl: str | None) -> tuple[int, str, int]:
     return mode.largest, mode.largest_op, n_tokens
 
 
-def test_update_never_creates_a_logits_sized_tensor(step):
+def test_update_never_creates_a_logits_sized_tensor(step, monkeypatch):
     model, ro = step
+    # The work buffer is bounded in bytes (64 MiB on a CPU, more than this small update's logits): give it an
+    # eighth of the [N, V] fp32 logits, as a long completion batch would, to see that the update chunks the pass.
+    monkeypatch.setitem(_utils.DEFAULT_CHUNK_BYTES, "cpu", 2 * G * NEW_TOKENS * V * 4 // 8)
     largest, op, n_tokens = run_update(model, ro, impl=None)
     assert n_tokens == 2 * G * NEW_TOKENS
     bound = n_tokens * V // 4

@@ -1,9 +1,10 @@
-"""TRL drop-in: TRL's GRPOTrainer trains two steps on CPU with our FusedLinearGRPOLoss bound where it looks up
-Liger's LigerFusedLinearGRPOLoss (as kernels/README.md documents), and gives the run it gives with Liger's.
+"""TRL 1.12's GRPOTrainer trains two steps on CPU with our FusedLinearGRPOLoss bound where it looks up Liger's
+LigerFusedLinearGRPOLoss (as kernels/README.md documents), and gives the run it gives with Liger's.
 
-TRL is pinned to 1.12, the newest release whose GRPOTrainer calls Liger's loss: 1.13 calls a copy vendored
-into `trl.losses` (looked up as `trl.trainer.grpo_trainer.FusedLinearGRPOLoss`), 1.14+ a chunked log-prob
-path of its own (1.16 runs beside our transformers, but has no Liger loss to replace).
+TRL 1.12 is the newest release whose GRPOTrainer calls Liger's loss (1.13 calls a copy vendored into
+`trl.losses`, 1.14+ has no Liger-style loss); the venv has TRL 1.16. This module is therefore not collected by
+the suite: tests/test_trainer_releases.py runs it in a subprocess with TRL 1.12's overlay (`make trainers`) in
+front of the venv's packages.
 """
 
 import math
@@ -16,8 +17,7 @@ from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 from safetensors.torch import load_file
 
 from rarl_kernels import FusedLinearGRPOLoss
-
-PROMPTS = ["What is 1 + 2?", "Name a colour.", "Count to three.", "Say hello."]
+from tests.helpers.tiny_lm import PROMPTS, distinct_characters, save_tiny_lm
 
 # GRPOConfig overrides per case.
 CASES = [
@@ -29,11 +29,6 @@ CASES = [
     # TRL's defaults as they are (beta=0, use_bias_correction_kl=True: the flag changes nothing without a KL term).
     pytest.param({}, id="trl-defaults"),
 ]
-
-
-def _reward(completions, **kwargs):
-    """Distinct characters in the completion: varies within a group, so advantages are non-zero."""
-    return [float(len(set(c))) for c in completions]
 
 
 def _counting(cls, *, eager=False):
@@ -55,33 +50,8 @@ def _counting(cls, *, eager=False):
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    """A tiny random-weight Qwen2 causal LM with the offline tiny tokenizer, saved as a checkpoint folder
-    (TRL loads the reference model from the policy's path)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from rarl_fast.model import _tiny_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny_lm")
-    tok = _tiny_tokenizer()
-    config = Qwen2Config(
-        vocab_size=-(-len(tok) // 64) * 64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(config)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    assert trl.__version__ == "1.12.0", f"run under TRL 1.12 (make trainers), not {trl.__version__}"
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
 def _train(model_dir, out_dir, loss_cls, overrides, monkeypatch):
@@ -129,7 +99,7 @@ def _train(model_dir, out_dir, loss_cls, overrides, monkeypatch):
         mp.setattr(grpo_trainer, "LigerFusedLinearGRPOLoss", loss_cls)  # before the trainer is built
         trainer = trl.GRPOTrainer(
             model=str(model_dir),
-            reward_funcs=_reward,
+            reward_funcs=distinct_characters,
             args=args,
             train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]),
             processing_class=tok,
