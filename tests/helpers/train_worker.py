@@ -27,6 +27,7 @@ def main() -> None:
     from torch.distributed.tensor import DTensor
 
     import rarl_fast.runtime as runtime
+    from rarl_fast.cli import _leave_process_group
     from rarl_fast.commands import run_eval, save_final, with_model
     from rarl_fast.config_loader import load_config
     from rarl_fast.train import train
@@ -69,6 +70,7 @@ def main() -> None:
     rt.acc.wait_for_everyone()
     if "--eval" in sys.argv:
         run_eval(with_model(cfg, rt.run_dir / "model"), "final", run_dir=rt.run_dir)
+    _leave_process_group()  # as the CLI does: a rank that exits with the gloo group alive can abort
 
 
 if __name__ == "__main__":
