@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--ablations", action="store_true",
                 help="also branch stage 2 without RMO and regression-only RARL from the same stage 1 (and evaluate "
-                "stage 1 alone); about 12 more minutes on 2 cores",
+                "stage 1 alone); about 5 more minutes on 2 idle cores",
             )  # fmt: skip
         if name == "ablate":
             p.add_argument(
