@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from _results import append_csv, device_label, git_commit, results_dir
-from bench_step import MODELS
+from bench_step import MODELS, random_init_model
 
 SCENARIOS = {
     "bench": dict(
@@ -79,13 +79,7 @@ def _load(model_dir: str, sc: dict, device: str):
 
     if sc.get("weights", True):
         return load_model(model_dir, device=device, trainable=False)
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(
-            AutoConfig.from_pretrained(model_dir), attn_implementation="sdpa", dtype=dtype
-        )
+    model = random_init_model(model_dir, device, torch.bfloat16 if device == "cuda" else torch.float32)
     return model.eval().requires_grad_(False)
 
 

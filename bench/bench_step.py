@@ -70,6 +70,18 @@ def vision_layout(window_blocks: int) -> dict:
     return dict(vision_depth=depth, fullatt_block_indexes=full)
 
 
+def random_init_model(model_dir: str, device, dtype):
+    """The model of a ``make_tiny_vlm(..., weights=False)`` folder, instantiated on ``device`` with random weights
+    (3B widths: no weight file to write and read back)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device(device):
+        return AutoModelForImageTextToText.from_config(
+            AutoConfig.from_pretrained(model_dir), attn_implementation="sdpa", dtype=dtype
+        )
+
+
 def _sync(device) -> None:
     import torch
 
@@ -170,11 +182,7 @@ def _worker(args: dict, provider: str, queue) -> None:
     device = torch.device(args["device"])
     torch.manual_seed(0)
     processor = load_processor(args["model_dir"])  # its pixel bounds were saved with the model (--image-px)
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    config = AutoConfig.from_pretrained(args["model_dir"])
-    with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model = random_init_model(args["model_dir"], device, torch.float32)
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     train, _, report = load_synthetic("shapes", train_size=256, test_size=8, seed=0)

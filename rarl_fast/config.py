@@ -148,6 +148,9 @@ LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo", 
 no torch)."""
 ImportanceSamplingLevel = Literal["token", "sequence"]
 """One importance ratio per token, or one per sequence from its mean token log-ratio (GSPO)."""
+RolloutCompile = Literal["off", "default", "reduce-overhead"]
+"""How the HF engine runs its decode step: eagerly, through ``torch.compile``, or compiled and replayed as CUDA
+graphs."""
 _TOKEN_LEVEL_ONLY = ("cispo", "sapo", "vespo")
 
 
@@ -336,7 +339,7 @@ class RolloutConfig:
     """Prompts per greedy ``generate`` call in evaluation (per process)."""
     sglang_mem_fraction: float = 0.5
     """SGLang's static memory fraction when colocated with training."""
-    compile: Literal["off", "default", "reduce-overhead"] = "off"
+    compile: RolloutCompile = "off"
     """``torch.compile`` of the HF engine's decode step (one token for every row: forward, sampling, bookkeeping,
     with static shapes): ``default`` compiles it, ``reduce-overhead`` also replays it as CUDA graphs on GPU (no
     kernel launched from Python per token), ``off`` runs it eagerly; the tokens are the same. Sampled and greedy

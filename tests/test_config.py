@@ -324,7 +324,8 @@ def test_yaml_1_1_booleans_are_strings_for_string_fields(tmp_path: Path):
     assert load_config(None, ["data.check_images=off", "model.use_liger=on"]).model.use_liger is True
     err = _error(tmp_path, "run_name: false\n")
     assert err.key == "run_name" and "quote it" in str(err)
-    assert "check_images: 'off'" in dump_config(cfg)  # written quoted: any YAML reader takes it as the string
+    dumped = dump_config(cfg)  # 'off' values written quoted: any YAML reader takes them as the string
+    assert "check_images: 'off'" in dumped and "compile: 'off'" in dumped and dumped.count("'off'") == 2
 
 
 def test_errors_are_blamed_on_their_source(tmp_path: Path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from rarl_fast.config import RolloutCompile
 from rarl_fast.rollout.base import GenerationParams, RolloutEngine, Rollouts
 from rarl_fast.rollout.hf import HFEngine
 from rarl_fast.rollout.lifecycle import awake
@@ -28,7 +29,7 @@ def make_engine(
     seed: int = 0,
     mem_fraction_static: float = 0.5,
     image_loader: Callable[[Any], Any] | None = None,
-    compile: str = "off",
+    compile: RolloutCompile = "off",
 ) -> RolloutEngine:
     """The engine named by ``rollout.backend``: ``hf`` (shares ``model``; ``compile`` is ``rollout.compile``) or
     ``sglang`` (loads ``model_path``; ``image_loader`` maps a sample's image reference to the image the processor

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rarl_fast.config import RolloutCompile
 from rarl_fast.rollout.base import GenerationParams, Rollouts
 from rarl_fast.rollout.decode import (
     Arena,
@@ -39,9 +40,8 @@ __all__ = ["HFEngine", "batch_field"]
 
 VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
-# Decode steps between host syncs (the all-finished check and the bucket choice): free on the CPU, a pipeline
-# bubble on an accelerator, where a few steps past the last EOS cost less.
-SYNC_EVERY = {"cpu": 1}
+# Decode steps between host syncs (the all-finished check and the bucket choice) on an accelerator, where a sync
+# is a pipeline bubble and a few steps past the last EOS cost less; on the CPU a sync is free: every step.
 SYNC_EVERY_ACCELERATOR = 8
 
 
@@ -125,7 +125,7 @@ class HFEngine:
         eos_token_ids: Iterable[int] | None = None,
         seed: int = 0,
         shared_prefix_decode: bool = True,
-        compile: str = "off",
+        compile: RolloutCompile = "off",
     ):
         self.model = model
         self.shared_prefix_decode = shared_prefix_decode
@@ -238,7 +238,7 @@ class HFEngine:
             positions = completion_positions(num_real, row_deltas, T)
             decoder = _ModelForwardDecoder(self._forward, cache, row_mask, positions, rows, out, sample, G)
         del cache, logits  # the shared-prefix decoder holds its own copy of the prompts' KV
-        sync_every = SYNC_EVERY.get(device.type, SYNC_EVERY_ACCELERATOR)
+        sync_every = 1 if device.type == "cpu" else SYNC_EVERY_ACCELERATOR
         steps = 0
         for t in range(T - 1):
             if t % sync_every == 0:

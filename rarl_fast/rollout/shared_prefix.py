@@ -17,12 +17,13 @@ and, on GPU, ``reduce-overhead`` replays it as a CUDA graph instead of launching
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from rarl_fast.config import RolloutCompile
 from rarl_fast.rollout.decode import (
     Arena,
     DecodeOutputs,
@@ -199,10 +200,10 @@ def shared_prefix_step(
     clock.add_(1)
 
 
-COMPILE_MODES = ("off", "default", "reduce-overhead")
+COMPILE_MODES: tuple[str, ...] = get_args(RolloutCompile)
 
 
-def compile_step(mode: str) -> Callable[..., None]:
+def compile_step(mode: RolloutCompile) -> Callable[..., None]:
     """:func:`shared_prefix_step`, eager (``off``) or through ``torch.compile`` (``default``; ``reduce-overhead``
     also replays it as CUDA graphs on GPU, one per bucket shape). The step's buffers are marked as static
     addresses (:class:`~rarl_fast.rollout.decode.Arena`), so in-place KV writes do not prevent CUDA graphs."""
