@@ -42,6 +42,9 @@ CASES = [
     pytest.param({"loss_type": "sapo", "sapo_temperature_pos": 0.5, "sapo_temperature_neg": 2.0, "beta": 0.1}, None,
                  id="sapo-temperatures-beta0.1"),
     pytest.param({"loss_type": "luspo", "importance_sampling_level": "sequence"}, None, id="luspo-sequence"),
+    # with KL, TRL masks the padded positions before its row sums (Liger 0.8.5's luspo does not)
+    pytest.param({"loss_type": "luspo", "importance_sampling_level": "sequence", "beta": 0.1}, None,
+                 id="luspo-sequence-beta0.1"),
     pytest.param({"loss_type": "vespo", "vespo_k_pos": 1.5, "vespo_lambda_pos": 2.5, "vespo_k_neg": 2.0,
                   "vespo_lambda_neg": 1.5, **ACCUMULATE}, None, id="vespo-params-accumulate2"),
     # TRL defines CISPO with one ratio per sequence; the fused kernels (as Liger's) do not: TRL's loss runs
