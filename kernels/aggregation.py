@@ -9,19 +9,22 @@ from __future__ import annotations
 import torch
 
 from rarl_kernels._utils import world_size as _default_world_size
-from rarl_kernels.loss_types import AGGREGATION, LOSS_TYPES, check_loss_options
+from rarl_kernels.loss_types import AGGREGATION, LOSS_TYPES, check_loss_options, check_loss_params
 
 
-def token_weights(mask, loss_type, *, max_completion_length=None, num_items_in_batch=None, world_size=None):
+def token_weights(mask, loss_type, *, max_completion_length=None, num_items_in_batch=None, world_size=None,
+                  luspo_reduction="row_sum"):  # fmt: skip
     """[B, T] fp32 weights w such that loss = sum(w * l) (no host sync). mask [B, T] (0 off the completion).
 
     sequence_mean (grpo, sapo): mask / (clamp(row count, 1) * B); call_tokens (bnpo): mask / clamp(total count, 1),
     ignoring num_items_in_batch as Liger and TRL do; global_tokens (dapo, cispo, vespo): mask /
     clamp(num_items_in_batch / world_size, 1), or the call's count without num_items_in_batch; fixed_length
-    (dr_grpo): mask / (B * max_completion_length); sequence_sum (luspo): mask / B, TRL's masked row sums averaged
-    over rows (Liger instead weights every position, padding included, by its row's length / (B * T)).
+    (dr_grpo): mask / (B * max_completion_length); sequence_sum (luspo): with luspo_reduction "row_sum" mask / B
+    (each row's masked sum, averaged over rows), with "length_weighted_mean" every position, padding included,
+    its row's token count / (B * T) (`loss_types.LUSPO_REDUCTIONS`).
     """
     check_loss_options(loss_type)
+    check_loss_params(luspo_reduction=luspo_reduction)
     m = mask.float()
     B = m.shape[0]
     kind = AGGREGATION[loss_type]
@@ -37,14 +40,15 @@ def token_weights(mask, loss_type, *, max_completion_length=None, num_items_in_b
         if max_completion_length is None:
             raise ValueError(f"loss_type={loss_type!r} needs max_completion_length")
         return m / float(B * max_completion_length)
+    if luspo_reduction == "length_weighted_mean":  # sequence_sum, Liger's form
+        return m.sum(-1, keepdim=True).expand_as(m) / float(max(m.numel(), 1))
     return m / float(max(B, 1))  # sequence_sum
 
 
-def aggregate(loss_mat, mask, mode, *, max_completion_length=None, num_items_in_batch=None, world_size=None):
-    """Scalar loss from per-token losses [B, T] and mask [B, T] (see `token_weights` for the modes)."""
-    w = token_weights(mask, mode, max_completion_length=max_completion_length,
-                      num_items_in_batch=num_items_in_batch, world_size=world_size)  # fmt: skip
-    return (loss_mat * w).sum()
+def aggregate(loss_mat, mask, mode, **aggregation):
+    """Scalar loss from per-token losses [B, T] and mask [B, T]; `aggregation` are `token_weights`' keyword
+    arguments (the modes are described there)."""
+    return (loss_mat * token_weights(mask, mode, **aggregation)).sum()
 
 
 def grpo_metrics(mask, kl, ratio, clipped, beta, entropy=None) -> dict[str, torch.Tensor]:

@@ -52,7 +52,7 @@ from rarl_kernels.linear_logprobs import (
     linear_logprobs_fwd_chunked,
     linear_logprobs_fwd_triton,
 )
-from rarl_kernels.loss_types import LossOptions
+from rarl_kernels.loss_types import LossOptions, LuspoReduction
 from rarl_kernels.reference import fused_linear_grpo_loss_ref, fused_linear_logprobs_ref, grpo_token_loss_ref
 
 # Rows of the per-token output block: what `_grpo_rows_kernel` writes, then `grpo_loss.TOKEN_STATS`.
@@ -314,6 +314,7 @@ def fused_linear_grpo_loss(
     max_completion_length: int | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     world_size: int | None = None,
+    luspo_reduction: LuspoReduction = "row_sum",
     temperature: float = 1.0,
     compute_entropy: bool = True,
     impl: str | None = None,
@@ -326,19 +327,19 @@ def fused_linear_grpo_loss(
     logp_ref [B, T] | None (logp_ref None with ref_hidden [B, T, H] + ref_weight [V, H] (+ ref_bias):
     computed here without gradient); is_ratio [B, T] | [B, 1] | [B] | None, the rollout importance weights.
     The loss options (loss_type ... bias_correction_kl) are `loss_types.LossOptions`' and the math is
-    `grpo_loss`'s; max_completion_length, num_items_in_batch and world_size feed the aggregation. Metrics:
-    `grpo_loss`'s, plus "entropy_mean" (of the policy at temperature T) when compute_entropy. Differentiable
-    w.r.t. hidden, weight and bias; the gradients are computed during the forward (see the module docstring).
-    With return_per_token, a third output holds the per-token values of the pass, [B, T] fp32 without gradient:
-    "logp", "kl", "ratio", "clipped" and "entropy" (when compute_entropy), for a trainer that logs statistics of
-    its own.
+    `grpo_loss`'s; max_completion_length, num_items_in_batch, world_size and luspo_reduction (`token_weights`)
+    feed the aggregation. Metrics: `grpo_loss`'s, plus "entropy_mean" (of the policy at temperature T) when
+    compute_entropy. Differentiable w.r.t. hidden, weight and bias; the gradients are computed during the
+    forward (see the module docstring). With return_per_token, a third output holds the per-token values of the
+    pass, [B, T] fp32 without gradient: "logp", "kl", "ratio", "clipped" and "entropy" (when compute_entropy),
+    for a trainer that logs statistics of its own.
     """
     o = LossOptions(loss_type, importance_sampling_level, eps_low, eps_high, beta, delta, sapo_temperature_pos,
                     sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
                     bool(bias_correction_kl)).checked()  # fmt: skip
     impl = resolve_impl(impl, hidden.device)
     agg = dict(max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-               world_size=world_size)  # fmt: skip
+               world_size=world_size, luspo_reduction=luspo_reduction)  # fmt: skip
     if logp_ref is None and ref_hidden is not None and beta != 0.0:
         with torch.no_grad():
             logp_ref = fused_linear_logprobs(ref_hidden, ref_weight, labels, temperature=temperature, bias=ref_bias,

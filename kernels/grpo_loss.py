@@ -32,7 +32,7 @@ import triton.language as tl
 
 from rarl_kernels._utils import launch, resolve_impl
 from rarl_kernels.aggregation import grpo_metrics, token_weights
-from rarl_kernels.loss_types import LossOptions
+from rarl_kernels.loss_types import LossOptions, LuspoReduction
 from rarl_kernels.reference import grpo_loss_ref
 
 # Rows of the per-token output block of `token_stats`: the loss, its KL term, the ratio and clip flag (metrics),
@@ -324,20 +324,22 @@ def grpo_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     is_ratio: torch.Tensor | None = None,
     world_size: int | None = None,
+    luspo_reduction: LuspoReduction = "row_sum",
     impl: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO-family loss from per-token log-probs; differentiable w.r.t. logp only.
 
     logp, logp_old, logp_ref, mask: [B, T]; advantages: [B]; is_ratio (rollout importance weights): [B, T],
     [B, 1] or [B] | None. The loss options are `loss_types.LossOptions`' (see the module docstring for the math);
-    max_completion_length, num_items_in_batch and world_size feed the aggregation (`token_weights`).
+    max_completion_length, num_items_in_batch, world_size and luspo_reduction feed the aggregation
+    (`token_weights`).
     Returns (fp32 scalar loss, {"kl_mean" (beta != 0), "clip_ratio", "ratio_mean"}: fp32 scalar tensors).
     """
     o = LossOptions(loss_type, importance_sampling_level, eps_low, eps_high, beta, delta, sapo_temperature_pos,
                     sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
                     bool(bias_correction_kl)).checked()  # fmt: skip
     agg = dict(max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-               world_size=world_size)  # fmt: skip
+               world_size=world_size, luspo_reduction=luspo_reduction)  # fmt: skip
     if resolve_impl(impl, logp.device) != "triton":
         return grpo_loss_ref(logp, logp_old, logp_ref, advantages, mask, is_ratio=is_ratio, **agg, **o._asdict())
     B, T = logp.shape

@@ -12,12 +12,12 @@ Aggregation (the per-token weights, `aggregation.token_weights`):
     call_tokens     token mean over this call's mask: bnpo
     global_tokens   token sum / (num_items_in_batch / world size), or this call's count: dapo, cispo, vespo
     fixed_length    token sum / (rows * max_completion_length): dr_grpo
-    sequence_sum    token sum / rows, each row counting with its length: luspo
+    sequence_sum    token sum / rows, each row counting with its length: luspo (`LUSPO_REDUCTIONS`)
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 SURROGATE = {
     "grpo": "clip",
@@ -44,6 +44,14 @@ LOSS_TYPES = tuple(SURROGATE)
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 TOKEN_LEVEL_ONLY = ("cispo", "sapo", "vespo")
 """Loss types without a sequence-level form (Liger rejects the combination; VESPO builds its own sequence weight)."""
+LuspoReduction = Literal["row_sum", "length_weighted_mean"]
+LUSPO_REDUCTIONS = get_args(LuspoReduction)
+"""How luspo sums its per-token losses. "row_sum": each row's sum over its completion tokens, averaged over the
+rows (TRL 1.12 and later, and rarl-fast's default). "length_weighted_mean": every position of the [B, T] losses,
+padding included, times its row's completion length, averaged over B * T (Liger 0.8.5, and TRL's luspo before it
+masked the padding). The two agree when the per-token loss is one value per row (sequence-level ratio, no KL term,
+rollout weights per row or none) and differ when a per-token term (the KL, token-level ratios or rollout weights)
+meets padding."""
 ROW_NORMALIZED = ("sequence_mean", "fixed_length", "sequence_sum")
 """Aggregations that divide by the rows of the call (a trainer splitting a step into micro-batches rescales them)."""
 
@@ -66,8 +74,11 @@ def check_loss_options(loss_type: str, importance_sampling_level: str = "token")
 
 
 def check_loss_params(*, delta: float | None = None, sapo_temperature_pos: float = 1.0,
-                      sapo_temperature_neg: float = 1.05) -> None:  # fmt: skip
-    """Raise ValueError for a non-positive SAPO temperature or delta (as Liger's constructor does)."""
+                      sapo_temperature_neg: float = 1.05, luspo_reduction: str = "row_sum") -> None:  # fmt: skip
+    """Raise ValueError for a non-positive SAPO temperature or delta (as Liger's constructor does) or an unknown
+    luspo reduction."""
+    if luspo_reduction not in LUSPO_REDUCTIONS:
+        raise ValueError(f"Unknown luspo reduction: {luspo_reduction!r} (one of {LUSPO_REDUCTIONS})")
     if sapo_temperature_pos <= 0:
         raise ValueError(f"sapo_temperature_pos must be positive, got {sapo_temperature_pos}")
     if sapo_temperature_neg <= 0:

@@ -3,8 +3,11 @@
 The same constructor (positional order, names and defaults) and forward arguments, the same loss, gradients and
 metrics list (KL mean first when beta != 0, clip ratio last), computed by `fused_linear_grpo_loss`; invalid
 options raise the exception type Liger raises (ValueError; where Liger asserts, a ValueError too). `compiled` and
-`chunk_size` are accepted and ignored (the work buffer is bounded by `chunk_bytes` instead). Where Liger and TRL
-1.16 define a loss differently this module follows TRL (see `fused_linear_grpo_loss` and docs/method.md).
+`chunk_size` are accepted and ignored (the work buffer is bounded by `chunk_bytes` instead).
+
+A drop-in gives the numbers of what it replaces: where Liger's luspo differs from TRL's (a per-token term over
+padded rows, `loss_types.LUSPO_REDUCTIONS`), this module computes Liger's by default; `luspo_reduction="row_sum"`
+gives TRL's, which `fused_linear_grpo_loss`, the TRL integration and rarl-fast's trainer use.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 
 from rarl_kernels._utils import world_size
 from rarl_kernels.fused_grpo import fused_linear_grpo_loss
-from rarl_kernels.loss_types import AGGREGATION, check_loss_params
+from rarl_kernels.loss_types import AGGREGATION, LuspoReduction, check_loss_params
 
 
 class FusedLinearGRPOLoss(torch.nn.Module):
@@ -22,7 +25,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     Every loss type (grpo, bnpo, dapo, dr_grpo, cispo, sapo, luspo, vespo), token- and sequence-level importance
     sampling, delta, reference log-probs given or computed from ref_input/ref_weight/ref_bias, old log-probs given
     or None (on-policy), vllm_is_ratio, num_items_in_batch, temperature, bias, use_bias_correction_kl. Extra
-    keyword-only arguments: impl ("triton" | "chunked" | "torch" | None) and chunk_bytes (work-buffer budget).
+    keyword-only arguments: impl ("triton" | "chunked" | "torch" | None), chunk_bytes (work-buffer budget) and
+    luspo_reduction (default Liger's "length_weighted_mean"; "row_sum" is TRL's, see the module docstring).
     """
 
     def __init__(
@@ -48,10 +52,11 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         *,
         impl: str | None = None,
         chunk_bytes: int | None = None,
+        luspo_reduction: LuspoReduction = "length_weighted_mean",
     ):
         super().__init__()
         check_loss_params(delta=delta, sapo_temperature_pos=sapo_temperature_pos,
-                          sapo_temperature_neg=sapo_temperature_neg)  # fmt: skip
+                          sapo_temperature_neg=sapo_temperature_neg, luspo_reduction=luspo_reduction)  # fmt: skip
         self.beta, self.compiled, self.use_ref_model, self.chunk_size = beta, compiled, use_ref_model, chunk_size
         self.epsilon_low, self.epsilon_high, self.loss_type = epsilon_low, epsilon_high, loss_type
         self.max_completion_length, self.importance_sampling_level = max_completion_length, importance_sampling_level
@@ -59,7 +64,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         self.temperature, self.delta, self.use_bias_correction_kl = temperature, delta, bool(use_bias_correction_kl)
         self.vespo_k_pos, self.vespo_lambda_pos = vespo_k_pos, vespo_lambda_pos
         self.vespo_k_neg, self.vespo_lambda_neg = vespo_k_neg, vespo_lambda_neg
-        self.impl, self.chunk_bytes = impl, chunk_bytes
+        self.impl, self.chunk_bytes, self.luspo_reduction = impl, chunk_bytes, luspo_reduction
 
     def forward(
         self,
@@ -106,8 +111,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             vespo_k_pos=self.vespo_k_pos, vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
             vespo_lambda_neg=self.vespo_lambda_neg, bias_correction_kl=self.use_bias_correction_kl,
             max_completion_length=self.max_completion_length, num_items_in_batch=num_items_in_batch,
-            world_size=ws, temperature=self.temperature, compute_entropy=False, impl=self.impl,
-            chunk_bytes=self.chunk_bytes,
+            world_size=ws, luspo_reduction=self.luspo_reduction, temperature=self.temperature, compute_entropy=False,
+            impl=self.impl, chunk_bytes=self.chunk_bytes,
         )  # fmt: skip
         out = [metrics["kl_mean"]] if self.beta != 0.0 else []
         return loss, [*out, metrics["clip_ratio"]]

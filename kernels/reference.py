@@ -123,20 +123,22 @@ def _per_row(is_ratio, B):
 
 
 def grpo_loss_ref(logp, logp_old, logp_ref, advantages, mask, *, max_completion_length=None, num_items_in_batch=None,
-                  is_ratio=None, world_size=None, **options):  # fmt: skip
+                  is_ratio=None, world_size=None, luspo_reduction="row_sum", **options):  # fmt: skip
     """Reference of `grpo_loss`; `options` are `LossOptions` fields."""
     o = LossOptions(**options).checked()
     loss_mat, kl, ratio, clipped = grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, mask, o,
                                                        _per_row(is_ratio, logp.shape[0]))  # fmt: skip
     w = token_weights(mask, o.loss_type, max_completion_length=max_completion_length,
-                      num_items_in_batch=num_items_in_batch, world_size=world_size)  # fmt: skip
+                      num_items_in_batch=num_items_in_batch, world_size=world_size,
+                      luspo_reduction=luspo_reduction)  # fmt: skip
     return (loss_mat * w).sum(), grpo_metrics(mask, kl, ratio, clipped, o.beta)
 
 
 def fused_linear_grpo_loss_ref(hidden, weight, labels, mask, advantages, *, bias=None, logp_old=None, logp_ref=None,
                                ref_hidden=None, ref_weight=None, ref_bias=None, is_ratio=None,
-                               max_completion_length=None, num_items_in_batch=None, world_size=None, temperature=1.0,
-                               compute_entropy=True, upcast=False, **options):  # fmt: skip
+                               max_completion_length=None, num_items_in_batch=None, world_size=None,
+                               luspo_reduction="row_sum", temperature=1.0, compute_entropy=True, upcast=False,
+                               **options):  # fmt: skip
     """Reference of `fused_linear_grpo_loss`: materialized [B, T, V] logits, autograd throughout; `options` are
     `LossOptions` fields."""
     o = LossOptions(**options).checked()
@@ -149,6 +151,7 @@ def fused_linear_grpo_loss_ref(hidden, weight, labels, mask, advantages, *, bias
     loss_mat, kl, ratio, clipped = grpo_token_loss_ref(logp, logp_old, logp_ref, advantages, mask, o,
                                                        _per_row(is_ratio, logp.shape[0]))  # fmt: skip
     w = token_weights(mask, o.loss_type, max_completion_length=max_completion_length,
-                      num_items_in_batch=num_items_in_batch, world_size=world_size)  # fmt: skip
+                      num_items_in_batch=num_items_in_batch, world_size=world_size,
+                      luspo_reduction=luspo_reduction)  # fmt: skip
     entropy = entropy.detach() if compute_entropy else None
     return (loss_mat * w).sum(), grpo_metrics(mask, kl, ratio, clipped, o.beta, entropy)

@@ -311,7 +311,7 @@ def test_module_errors():
         FusedLinearGRPOLoss(use_ref_model=False)(**{**fwd, "vllm_is_ratio": torch.ones(4, 5)})
 
 
-# Liger options per loss type (luspo: `test_luspo_follows_trl_where_liger_differs`).
+# Liger options per loss type (luspo: `test_luspo_reductions_liger_and_trl`).
 LIGER_OPTIONS = [
     ("grpo", dict(delta=1.2), "logps"),
     ("dapo", dict(importance_sampling_level="sequence"), "input"),
@@ -349,17 +349,19 @@ def test_new_options_match_liger_triton_interpreter(loss_type, options, ref_mode
     assert _utils.LAUNCHES["grpo_token"] >= 1
 
 
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
 @pytest.mark.parametrize("level", ["sequence", "token"])
-def test_luspo_follows_trl_where_liger_differs(level):
-    """luspo: TRL 1.16 averages each row's masked sum of per-token losses over the rows; Liger multiplies every
-    position, padding included, by its row's length and averages over B * T. With a sequence-level ratio and no
-    per-token term the two agree (length * loss / B); a KL term over padded rows (or token-level ratios) tells
-    them apart, and ours is TRL's."""
+def test_luspo_reductions_liger_and_trl(level, impl):
+    """luspo where Liger and TRL differ (a KL term over padded rows): the drop-in module gives Liger's loss and
+    gradients by default, and TRL's (each row's masked sum averaged over rows) with luspo_reduction="row_sum", which
+    is `fused_linear_grpo_loss`'s default."""
     from rarl_kernels import LossOptions
 
     ctor, fwd = liger_case("luspo", True, "logps", None, beta=0.3)
     ctor["importance_sampling_level"] = level
-    (l_liger, _, _), (l_ours, _, g_ours) = liger_and_ours(ctor, fwd)
+    assert (fwd["attention_mask"] == 0).any()
+    assert_matches_liger(liger_and_ours(ctor, fwd, impl=impl), ctor["beta"])
+
     h = fwd["_input"].clone().requires_grad_()
     logp = fused_linear_logprobs_ref(h, fwd["lin_weight"], fwd["selected_token_ids"], temperature=0.9,
                                      bias=fwd["bias"])  # fmt: skip
@@ -369,11 +371,21 @@ def test_luspo_follows_trl_where_liger_differs(level):
     m = fwd["attention_mask"].float()
     trl = (loss_tok * m).sum(-1).mean()
     liger = (loss_tok * m.sum(-1, keepdim=True)).mean()
-    assert_rel_close(l_ours, trl, rtol=1e-5, name="ours vs TRL")
-    assert_rel_close(l_liger, liger, rtol=1e-5, name="Liger vs its formula")
-    assert (trl - liger).abs() > 1e-3 * trl.abs()
+    assert (trl - liger).abs() > 1e-3 * trl.abs()  # the case tells the two apart
     (g_trl,) = torch.autograd.grad(trl, h)
-    assert_rel_close(g_ours[0], g_trl, rtol=1e-5, name="grad ours vs TRL")
+    h_ours = fwd["_input"].clone().requires_grad_()
+    module = FusedLinearGRPOLoss(**ctor, impl=impl, luspo_reduction="row_sum")
+    loss, _ = module(**{**fwd, "_input": h_ours})
+    assert_rel_close(loss, trl, rtol=1e-5, name="row_sum vs TRL")
+    assert_rel_close(torch.autograd.grad(loss, h_ours)[0], g_trl, rtol=1e-5, name="grad row_sum vs TRL")
+    functional, _ = fused_linear_grpo_loss(
+        fwd["_input"], fwd["lin_weight"], fwd["selected_token_ids"], fwd["attention_mask"], fwd["advantages"],
+        bias=fwd["bias"], logp_old=fwd["old_per_token_logps"], logp_ref=fwd["ref_per_token_logps"], beta=0.3,
+        eps_high=0.28, loss_type="luspo", importance_sampling_level=level, temperature=0.9, impl=impl,
+    )  # fmt: skip
+    assert_rel_close(functional, trl, rtol=1e-5, name="fused_linear_grpo_loss vs TRL")
+    with pytest.raises(ValueError, match="Unknown luspo reduction"):
+        FusedLinearGRPOLoss(luspo_reduction="trl")
 
 
 @pytest.mark.parametrize("vllm", [None, "row"], ids=["", "vllm-row"])
@@ -395,6 +407,7 @@ OPTIONS = [
     pytest.param("grpo", dict(importance_sampling_level="sequence", delta=1.05, bias_correction_kl=True, beta=0.3),
                  id="sequence-delta-bias-corr"),
     pytest.param("luspo", dict(importance_sampling_level="sequence"), id="luspo"),
+    pytest.param("luspo", dict(luspo_reduction="length_weighted_mean"), id="luspo-liger"),
     pytest.param("cispo", dict(eps_high=1.1, bias_correction_kl=True), id="cispo"),
     pytest.param("sapo", dict(sapo_temperature_pos=0.7, sapo_temperature_neg=1.6), id="sapo"),
     pytest.param("vespo", dict(vespo_k_pos=1.5, vespo_lambda_pos=1.0), id="vespo"),

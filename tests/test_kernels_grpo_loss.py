@@ -121,6 +121,15 @@ def test_aggregations_by_hand():
     assert token_weights(mask, "bnpo", num_items_in_batch=1000).sum() == 1.0  # bnpo ignores it, as Liger
     # luspo (TRL): each row's masked sum, averaged over rows: (3 + 4 + 0) / 3
     torch.testing.assert_close(aggregate(loss_mat, mask, "luspo"), torch.tensor(7.0 / 3))
+    # luspo (Liger): every position times its row's length, over B * T: (2 * 6 + 1 * 15 + 0 * 24) / 9
+    liger = aggregate(loss_mat, mask, "luspo", luspo_reduction="length_weighted_mean")
+    torch.testing.assert_close(liger, torch.tensor(27.0 / 9))
+    # ... the same as TRL's when the loss is one value per row (sequence-level ratio, no per-token term)
+    per_row = loss_mat[:, :1].expand(3, 3)
+    torch.testing.assert_close(aggregate(per_row, mask, "luspo", luspo_reduction="length_weighted_mean"),
+                               aggregate(per_row, mask, "luspo"))  # fmt: skip
+    with pytest.raises(ValueError, match="Unknown luspo reduction"):
+        aggregate(loss_mat, mask, "luspo", luspo_reduction="mean")
     torch.testing.assert_close(aggregate(loss_mat, mask, "sapo"), aggregate(loss_mat, mask, "grpo"))
     for token_mean in ("cispo", "vespo"):
         torch.testing.assert_close(aggregate(loss_mat, mask, token_mean, num_items_in_batch=14, world_size=2),
@@ -140,6 +149,9 @@ OPTIONS = [
                  id="sequence-delta-bias-corr"),
     pytest.param(dict(loss_type="luspo", importance_sampling_level="sequence"), id="luspo"),
     pytest.param(dict(loss_type="luspo", bias_correction_kl=True), id="luspo-token"),
+    pytest.param(dict(loss_type="luspo", importance_sampling_level="sequence", luspo_reduction="length_weighted_mean"),
+                 id="luspo-liger"),
+    pytest.param(dict(loss_type="luspo", luspo_reduction="length_weighted_mean"), id="luspo-token-liger"),
     pytest.param(dict(loss_type="cispo", eps_high=1.1), id="cispo"),
     pytest.param(dict(loss_type="cispo", eps_high=1.1, bias_correction_kl=True), id="cispo-bias-corr"),
     pytest.param(dict(loss_type="sapo", sapo_temperature_pos=0.7, sapo_temperature_neg=1.6), id="sapo"),

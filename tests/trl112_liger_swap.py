@@ -28,6 +28,10 @@ CASES = [
     pytest.param({"beta": 0.1, "use_bias_correction_kl": False}, id="beta0.1-no-bias-correction"),
     # TRL's defaults as they are (beta=0, use_bias_correction_kl=True: the flag changes nothing without a KL term).
     pytest.param({}, id="trl-defaults"),
+    # luspo (at TRL's default token level) with a KL term over padded completions: where Liger's luspo differs from
+    # TRL's own loss, the drop-in gives Liger's numbers (its default luspo_reduction): the run TRL 1.12 gives with
+    # Liger.
+    pytest.param({"beta": 0.1, "loss_type": "luspo"}, id="luspo-beta0.1"),
 ]
 
 
