@@ -52,6 +52,13 @@ def _counting(cls, *, eager=False):
     return Counting
 
 
+class _TRLLuspo(FusedLinearGRPOLoss):
+    """Ours with TRL's luspo aggregation (masked row sums) instead of the drop-in's default, Liger's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, luspo_reduction="row_sum", **kwargs)
+
+
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
     assert trl.__version__ == "1.12.0", f"run under TRL 1.12 (make trainers), not {trl.__version__}"
@@ -132,6 +139,8 @@ def test_grpo_trainer_with_our_loss_matches_liger(tiny_lm, tmp_path, monkeypatch
     liger_logs = [e for e in liger.state.log_history if "loss" in e]
     assert len(ours_logs) == len(liger_logs) == 2
     assert liger_logs[1]["clip_ratio"] > 0  # step 2 is off-policy: old log-probs given, some ratios clipped
+    # completions of different lengths, so the loss mask has padding (where Liger's and TRL's luspo differ)
+    assert liger_logs[0]["completions/min_length"] < liger_logs[0]["completions/max_length"]
     for step, (o, r) in enumerate(zip(ours_logs, liger_logs), 1):
         assert o.get("completions/mean_length") == r.get("completions/mean_length"), step  # same samples
         assert o.get("reward") == r.get("reward"), step
@@ -139,6 +148,10 @@ def test_grpo_trainer_with_our_loss_matches_liger(tiny_lm, tmp_path, monkeypatch
         for key in ("loss", "grad_norm", "kl", "clip_ratio"):
             if key in r:
                 assert math.isclose(o[key], r[key], rel_tol=1e-4, abs_tol=1e-6), (step, key, o[key], r[key])
+    if overrides.get("loss_type") == "luspo":  # the run tells Liger's luspo from TRL's: ours matched the former
+        trl_form = _train(tiny_lm, tmp_path / "row_sum", _counting(_TRLLuspo), overrides, monkeypatch)
+        trl_logs = [e for e in trl_form.state.log_history if "loss" in e]
+        assert any(not math.isclose(t["loss"], r["loss"], rel_tol=1e-3) for t, r in zip(trl_logs, liger_logs))
     initial = load_file(tiny_lm / "model.safetensors")
     liger_sd = liger.model.state_dict()
     moved = max((p - initial[name]).abs().max().item() for name, p in liger_sd.items())

@@ -275,12 +275,12 @@ class SharedPrefixDecoder:
         self.scratch_row = out.valid.shape[0] - 1
         layers = [(layer.keys, layer.values) for layer in prefill_cache.layers]
         k0 = layers[0][0]
-        self.dtype, kvh, d = k0.dtype, k0.shape[1], k0.shape[3]
+        dtype, kvh, d = k0.dtype, k0.shape[1], k0.shape[3]
         T = out.valid.shape[1]
         Pb = length_bucket(P)
 
         def prefix_buffer(name: str, src: Tensor) -> Tensor:
-            buf = arena.take(name, (B, kvh, Pb, d), self.dtype, k0.device)
+            buf = arena.take(name, (B, kvh, Pb, d), dtype, k0.device)
             buf[:, :, :P].copy_(src)
             buf[:, :, P:].zero_()  # masked, but must be finite: 0 * NaN would leak into the output
             return buf
@@ -288,11 +288,11 @@ class SharedPrefixDecoder:
         prefix = tuple(
             (prefix_buffer(f"prefix.k{i}", k), prefix_buffer(f"prefix.v{i}", v)) for i, (k, v) in enumerate(layers)
         )
-        bias = arena.take("prefix.bias", (B, 1, 1, Pb), self.dtype, k0.device)
-        bias.fill_(torch.finfo(self.dtype).min)[:, 0, 0, :P].masked_fill_(prompt_mask.bool(), 0.0)
+        bias = arena.take("prefix.bias", (B, 1, 1, Pb), dtype, k0.device)
+        bias.fill_(torch.finfo(dtype).min)[:, 0, 0, :P].masked_fill_(prompt_mask.bool(), 0.0)
         S = rows.last.shape[0]
         suffix = tuple(
-            tuple(arena.take(f"suffix.{n}{i}", (S, kvh, T, d), self.dtype, k0.device).zero_() for n in "kv")
+            tuple(arena.take(f"suffix.{n}{i}", (S, kvh, T, d), dtype, k0.device).zero_() for n in "kv")
             for i in range(len(layers))
         )
         self.kv = SharedKV(prefix, bias, suffix)
